@@ -1,0 +1,41 @@
+"""The Driver protocol: how a backend is launched and probed. The supervisor does the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from reconciler.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    detail: str  # what was found, or why the backend cannot run here and what to do
+
+
+class Driver(Protocol):
+    name: str
+    ready_timeout_s: float
+
+    def command(self, name: str, model: ModelSpec, port: int) -> list[str]:
+        """argv for the child (never a shell), bound to 127.0.0.1 on `port`."""
+        ...
+
+    def environment(self, model: ModelSpec) -> dict[str, str]:
+        """Variables added to the child's environment (GPU pinning and the like)."""
+        ...
+
+    def health_url(self, port: int) -> str: ...
+
+    def availability(self) -> Availability: ...
+
+
+def gpu_environment(model: ModelSpec) -> dict[str, str]:
+    """Pin the child to the model's GPUs; an empty list hides every GPU from a CPU model."""
+    visible = ",".join(str(i) for i in model.gpus)
+    return {"CUDA_VISIBLE_DEVICES": visible, "HIP_VISIBLE_DEVICES": visible}
+
+
+def ready_timeout(driver: Driver, model: ModelSpec) -> float:
+    return model.ready_timeout_s or driver.ready_timeout_s

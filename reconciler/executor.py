@@ -1,0 +1,81 @@
+"""Runs a Plan: unloads first (free memory), then reloads and loads, then activate.
+
+Actions on different models run concurrently (asyncio.TaskGroup); one model's actions never
+overlap (a lock per model). A reload drains the model's in-flight /v1 requests (bounded) before
+the old process stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from reconciler.plan import Action, Plan
+from reconciler.state import ModelState
+from reconciler.store import StateStore
+from reconciler.supervisor import Supervisor
+
+log = logging.getLogger("xgen.executor")
+
+
+@dataclass
+class Outcome:
+    ok: bool = True
+    failed: list[str] = field(default_factory=list)
+
+
+class Executor:
+    def __init__(self, store: StateStore, supervisor: Supervisor, drain_s: float = 30.0) -> None:
+        self.store = store
+        self.supervisor = supervisor
+        self.drain_s = drain_s
+        self.inflight: dict[str, int] = {}  # /v1 requests in flight per model (the proxy counts)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def apply(self, plan: Plan) -> Outcome:
+        outcome = Outcome()
+        phases = [
+            [a for a in plan.actions if a.kind == "unload"],
+            [a for a in plan.actions if a.kind in ("reload", "load")],
+        ]
+        for phase in phases:
+            if phase:
+                async with asyncio.TaskGroup() as tg:
+                    for action in phase:
+                        tg.create_task(self._run(action, outcome))
+        for action in plan.actions:
+            if action.kind == "activate":
+                self.store.active = action.model or None
+                log.info("active model → %s", action.model or "none")
+                self.store.publish("active", {"model": action.model or None})
+        return outcome
+
+    async def _run(self, action: Action, outcome: Outcome) -> None:
+        lock = self._locks.setdefault(action.model, asyncio.Lock())
+        t0 = time.monotonic()
+        async with lock:
+            ok = True
+            if action.kind == "unload":
+                await self.supervisor.stop(action.model, action.reason)
+            else:
+                assert action.spec is not None, "load and reload carry the spec"
+                if action.kind == "reload":
+                    why = "reload: " + ", ".join(map(str, action.changes))
+                    if self.store.models[action.model].state is ModelState.LOADED:
+                        # new requests now wait for the new process; the old one finishes its own
+                        self.store.transition(action.model, ModelState.UNLOADING, why)
+                        await self._drain(action.model)
+                    await self.supervisor.stop(action.model, why)
+                ok = await self.supervisor.start(action.model, action.spec, action.backend)
+        log.info("%s %s: %s in %.2f s", action.kind, action.model, "ok" if ok else "failed", time.monotonic() - t0)
+        if not ok:
+            outcome.ok = False
+            outcome.failed.append(action.model)
+
+    async def _drain(self, name: str) -> None:
+        """Let /v1 requests already sent to the old process finish (bounded by drain_s)."""
+        deadline = time.monotonic() + self.drain_s
+        while self.inflight.get(name, 0) > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)

@@ -1,0 +1,129 @@
+"""GPU memory estimates made before anything starts, so the planner can refuse what cannot fit.
+
+GGUF: the header gives tensor sizes per layer, the attention shape and the training context; the
+estimate is the offloaded weights + the f16 KV cache of the offloaded layers for `n_ctx` + the
+compute buffer + the CUDA context. vLLM takes `gpu_memory_utilization` × the GPU's total.
+`read_gguf` is the only I/O here (memory-mapped header, cached by path and mtime).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from reconciler.spec import ModelSpec
+from reconciler.state import GpuInfo
+
+CUDA_CONTEXT_BYTES = 512 * 2**20  # what a CUDA process holds before allocating anything
+UBATCH = 512  # llama-server's default physical batch
+
+
+@dataclass(frozen=True)
+class GgufFacts:
+    architecture: str
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    ctx_train: int
+    layer_bytes: tuple[int, ...]  # weights of each repeating block
+    output_bytes: int  # output head (+ norm) that llama.cpp offloads after the blocks
+    input_bytes: int  # token embeddings: llama.cpp keeps them on the CPU
+
+
+def read_gguf(path: str) -> GgufFacts:
+    """The facts of a GGUF file's header (tensor data is not read)."""
+    st = os.stat(path)
+    return _read_gguf(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_gguf(path: str, _mtime: int, _size: int) -> GgufFacts:
+    from gguf import GGUFReader  # heavy (numpy); only where an estimate is needed
+
+    reader = GGUFReader(path)
+
+    def field(key: str, default: int = 0) -> int:
+        f = reader.fields.get(key)
+        return int(f.contents()) if f is not None else default
+
+    arch = str(reader.fields["general.architecture"].contents())
+    n_layers = field(f"{arch}.block_count")
+    n_embd = field(f"{arch}.embedding_length")
+    n_head = field(f"{arch}.attention.head_count", 1)
+    n_head_kv = field(f"{arch}.attention.head_count_kv", n_head)
+    head_dim = field(f"{arch}.attention.key_length", n_embd // max(n_head, 1))
+    layers = [0] * n_layers
+    output = inputs = 0
+    n_vocab = field(f"{arch}.vocab_size")
+    for tensor in reader.tensors:
+        size = int(tensor.n_bytes)
+        block = re.match(r"blk\.(\d+)\.", tensor.name)
+        if block and int(block.group(1)) < n_layers:
+            layers[int(block.group(1))] += size
+        elif tensor.name == "token_embd.weight":
+            inputs += size
+            n_vocab = n_vocab or int(tensor.shape[-1])
+        else:
+            output += size
+    if not any(t.name == "output.weight" for t in reader.tensors):
+        output += inputs  # tied embeddings: the output head is a copy of token_embd on the GPU
+    return GgufFacts(
+        arch,
+        n_layers,
+        n_embd,
+        n_head,
+        n_head_kv,
+        head_dim,
+        n_vocab,
+        field(f"{arch}.context_length"),
+        tuple(layers),
+        output,
+        inputs,
+    )
+
+
+def estimate_gguf(facts: GgufFacts, n_ctx: int, n_gpu_layers: int) -> int:
+    """Bytes on the GPU for llama-server with this context and offload (0 when nothing is offloaded)."""
+    offloaded = facts.n_layers if n_gpu_layers < 0 else min(n_gpu_layers, facts.n_layers)
+    if offloaded == 0:
+        return 0
+    weights = sum(facts.layer_bytes[facts.n_layers - offloaded :])
+    if n_gpu_layers < 0 or n_gpu_layers > facts.n_layers:
+        weights += facts.output_bytes
+    kv = 2 * offloaded * n_ctx * facts.n_head_kv * facts.head_dim * 2  # K and V, f16
+    compute = UBATCH * facts.n_vocab * 4 + UBATCH * (n_ctx * facts.n_head + 8 * facts.n_embd) * 4
+    return weights + kv + compute + CUDA_CONTEXT_BYTES
+
+
+def estimate(model: ModelSpec, backend: str, gpus: tuple[GpuInfo, ...], gguf: GgufFacts | None = None) -> int | None:
+    """Bytes each GPU of the model's placement needs, or None when unknown/not on a GPU."""
+    if not model.gpus:
+        return None
+    if backend == "llama-server" and gguf is not None:
+        return -(-estimate_gguf(gguf, model.n_ctx, model.n_gpu_layers) // len(model.gpus))
+    if backend == "vllm":
+        totals = [g.memory_total for g in gpus if g.index in model.gpus]
+        return int(max(totals) * model.vllm.gpu_memory_utilization) if totals else None
+    return None
+
+
+def estimates_for(models: Mapping[str, tuple[ModelSpec, str]], gpus: tuple[GpuInfo, ...]) -> dict[str, int]:
+    """Estimates for every placed model (reads GGUF headers; skips files it cannot read)."""
+    out: dict[str, int] = {}
+    for name, (model, backend) in models.items():
+        facts = None
+        if backend == "llama-server" and model.gpus and model.path:
+            try:
+                facts = read_gguf(model.path)
+            except (OSError, ValueError, KeyError):
+                continue
+        value = estimate(model, backend, gpus, facts)
+        if value is not None:
+            out[name] = value
+    return out

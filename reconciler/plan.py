@@ -1,0 +1,315 @@
+"""The pure planner: `plan(spec, observed) -> Plan`, and its text and JSON renderings.
+
+No clocks, no I/O, no logging. `xgen plan` prints exactly what the daemon would execute.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from reconciler.spec import ModelSpec, Spec
+from reconciler.state import GpuInfo, ModelState
+
+PLAN_FORMAT_VERSION = "1"
+ActionKind = Literal["unload", "reload", "load", "activate"]
+_ORDER: dict[str, int] = {"unload": 0, "reload": 1, "load": 2, "activate": 3}
+# Fields whose change never needs the process restarted: routing reads them from the spec.
+NO_RESTART = frozenset({"aliases", "desired", "ready_timeout_s"})
+
+
+@dataclass(frozen=True)
+class ObservedModel:
+    """A model as it runs now: the spec it was launched with and how it is doing."""
+
+    spec: ModelSpec
+    backend: str
+    state: ModelState
+    failures: int = 0
+    retry_due: bool = True
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What actually is: running models, the active model, and host facts."""
+
+    models: Mapping[str, ObservedModel] = field(default_factory=dict)
+    active: str | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    detector: str = "cpu"
+    estimates: Mapping[str, int] = field(default_factory=dict)  # bytes per GPU, by model name
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any], now: float) -> Observed:
+        """Rebuild the daemon's observed state from its status JSON (what `xgen plan` compares to)."""
+        models = {
+            m["name"]: ObservedModel(
+                ModelSpec.model_validate(m["spec"]),
+                m["backend"],
+                ModelState(m["state"]),
+                m.get("failures", 0),
+                (m.get("retry_at") or 0) <= now,
+                m.get("error_message"),
+            )
+            for m in status.get("loaded_models", [])
+            if m.get("spec") is not None and m["state"] != ModelState.GONE.value
+        }
+        gpu = status.get("gpu_info") or {}
+        gpus = tuple(GpuInfo(**g) for g in gpu.get("gpus", []))
+        return cls(
+            models,
+            status.get("active_model"),
+            gpus,
+            gpu.get("detector", "cpu"),
+            {
+                m["name"]: m["memory"]["estimated_bytes"]
+                for m in status.get("loaded_models", [])
+                if m.get("memory", {}).get("estimated_bytes")
+            },
+        )
+
+
+@dataclass(frozen=True)
+class Change:
+    field: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {_show(self.old)} → {_show(self.new)}"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step. `reason` is for people only; nothing branches on it."""
+
+    kind: ActionKind
+    model: str
+    reason: str
+    backend: str = ""
+    spec: ModelSpec | None = None
+    changes: tuple[Change, ...] = ()
+
+    def order(self) -> tuple[int, str]:
+        return (_ORDER[self.kind], self.model)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": self.kind,
+            "model": self.model,
+            "backend": self.backend or None,
+            "reason": self.reason,
+            "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in self.changes],
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    generation: str
+    actions: tuple[Action, ...] = ()
+    notes: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    budgets: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.actions
+
+    def to_json(self) -> dict[str, Any]:
+        counts = {kind: sum(a.kind == kind for a in self.actions) for kind in _ORDER}
+        return {
+            "format_version": PLAN_FORMAT_VERSION,
+            "generation": self.generation,
+            "actions": [a.to_json() for a in self.actions],
+            "notes": list(self.notes),
+            "errors": list(self.errors),
+            "gpu_budgets": list(self.budgets),
+            "summary": {**counts, "changes": len(self.actions)},
+        }
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def choose_backend(model: ModelSpec, gpus: tuple[GpuInfo, ...]) -> tuple[str, str]:
+    """The backend for `backend: auto`, and why."""
+    if model.backend != "auto":
+        return model.backend, "backend set in the spec"
+    if model.format == "gguf":
+        return "llama-server", "a .gguf file is served by llama-server"
+    vendors = {g.vendor for g in gpus if g.index in model.gpus}
+    if model.gpus and vendors & {"nvidia", "amd"}:
+        return "vllm", f"an HF model placed on a {'/'.join(sorted(vendors))} GPU is served by vLLM"
+    return "transformers", "an HF model without a CUDA/ROCm GPU is served by transformers"
+
+
+def restart_changes(want: ModelSpec, have: ModelSpec) -> tuple[Change, ...]:
+    """Changed fields that need the process restarted, as old → new pairs."""
+    new, old = _flat(want.model_dump(mode="json")), _flat(have.model_dump(mode="json"))
+    return tuple(
+        Change(key, old.get(key), new.get(key))
+        for key in sorted(set(new) | set(old))
+        if key.split(".")[0] not in NO_RESTART and new.get(key) != old.get(key)
+    )
+
+
+def plan(spec: Spec, observed: Observed) -> Plan:
+    """Actions that take `observed` to `spec`: unloads, reloads, loads, then activate."""
+    actions: list[Action] = []
+    notes: list[str] = []
+    wanted = spec.loaded
+    max_restarts = spec.server.max_restarts
+    for name in sorted(set(observed.models) - set(wanted)):
+        why = "desired: unloaded" if name in spec.models else "removed from spec"
+        actions.append(Action("unload", name, why, observed.models[name].backend))
+    for name, want in wanted.items():
+        backend, why = choose_backend(want, observed.gpus)
+        have = observed.models.get(name)
+        if have is None:
+            actions.append(Action("load", name, f"new model; {why}", backend, want))
+            continue
+        changes = restart_changes(want, have.spec)
+        if have.backend != backend:
+            changes = (Change("backend", have.backend, backend), *changes)
+        if changes:
+            actions.append(Action("reload", name, "spec changed", backend, want, changes))
+            continue
+        if have.spec.aliases != want.aliases:
+            notes.append(f"{name}: aliases {have.spec.aliases} → {want.aliases} (applies without restart)")
+        if have.state == ModelState.ERROR:
+            attempt = have.failures + 1
+            if have.failures >= max_restarts:
+                notes.append(
+                    f"{name}: failed {have.failures} times with this spec; not retrying "
+                    "(change its entry in the file to try again)"
+                )
+            elif have.retry_due:
+                actions.append(
+                    Action("load", name, f"retry {attempt} of {max_restarts} after: {have.error}", backend, want)
+                )
+            else:
+                notes.append(f"{name}: in ERROR, retry {attempt} of {max_restarts} after backoff")
+    active = spec.resolve(spec.active) if spec.active else _default_active(spec)
+    if active != observed.active:
+        actions.append(Action("activate", active or "", f"was {observed.active or 'none'}"))
+    budgets, errors = _check_placement(spec, observed)
+    return Plan(spec.generation, tuple(sorted(actions, key=Action.order)), tuple(notes), tuple(errors), tuple(budgets))
+
+
+def _default_active(spec: Spec) -> str | None:
+    """Without `active:`, the only loaded llm model is the active one."""
+    llms = [n for n, m in spec.loaded.items() if m.server_type == "llm"]
+    return llms[0] if len(llms) == 1 else None
+
+
+def _check_placement(spec: Spec, observed: Observed) -> tuple[list[dict[str, Any]], list[str]]:
+    """Refuse GPU indices that do not exist, memory that does not fit, and too few ports."""
+    errors: list[str] = []
+    by_index = {g.index: g for g in observed.gpus}
+    need: dict[int, list[tuple[str, int]]] = {}
+    for name, model in spec.loaded.items():
+        for index in model.gpus:
+            if index not in by_index:
+                have = (
+                    ", ".join(f"{g.index} ({g.name})" for g in observed.gpus) or f"none (detector: {observed.detector})"
+                )
+                errors.append(f"models.{name}.gpu_index: GPU {index} does not exist; GPUs on this host: {have}")
+            elif name in observed.estimates:
+                need.setdefault(index, []).append((name, observed.estimates[name]))
+    budgets = []
+    for index, users in sorted(need.items()):
+        gpu = by_index[index]
+        ours = sum(observed.estimates.get(n, 0) for n, m in observed.models.items() if index in m.spec.gpus)
+        available = gpu.memory_total - max(0, (gpu.memory_used or 0) - ours)
+        wanted = sum(b for _, b in users)
+        budgets.append(
+            {
+                "gpu": index,
+                "name": gpu.name,
+                "total_bytes": gpu.memory_total,
+                "available_bytes": available,
+                "planned_bytes": wanted,
+                "models": {n: b for n, b in users},
+            }
+        )
+        if wanted > available:
+            detail = ", ".join(f"{n} {_gib(b)}" for n, b in users)
+            errors.append(
+                f"GPU {index} ({gpu.name}): the models placed on it need {_gib(wanted)} but "
+                f"{_gib(available)} is available ({detail}); short by {_gib(wanted - available)}"
+            )
+    low, high = spec.server.port_range
+    auto_ports = sum(1 for m in spec.loaded.values() if m.port is None)
+    if auto_ports > high - low + 1:
+        errors.append(
+            f"server.port_range: {auto_ports} models need a port but {low}-{high} has {high - low + 1}; widen the range"
+        )
+    return budgets, errors
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_text(p: Plan) -> str:
+    """Terraform-style: + load, - unload, ~ reload with a field diff, → activate, a summary."""
+    lines: list[str] = []
+    for error in p.errors:
+        lines.append(f"Error: {error}")
+    if p.errors:
+        lines.append("")
+    symbols = {"load": "+", "unload": "-", "reload": "~", "activate": "→"}
+    if p.actions:
+        lines.append(f"xgen will perform the following actions (generation {p.generation}):")
+        lines.append("")
+    for a in p.actions:
+        target = f" ({a.backend})" if a.backend and a.kind in ("load", "reload") else ""
+        lines.append(f"  {symbols[a.kind]} {a.kind} {a.model or '(none)'}{target}: {a.reason}")
+        if a.kind == "load" and a.spec is not None:
+            device = ",".join(f"gpu:{g}" for g in a.spec.gpus) or "cpu"
+            lines.append(f"      {a.spec.source}  [{device}, n_ctx {a.spec.n_ctx}, n_gpu_layers {a.spec.n_gpu_layers}]")
+        for change in a.changes:
+            lines.append(f"      ~ {change}")
+    for note in p.notes:
+        lines.append(f"  # {note}")
+    for b in p.budgets:
+        lines.append(
+            f"  # GPU {b['gpu']} ({b['name']}): {_gib(b['planned_bytes'])} planned of "
+            f"{_gib(b['available_bytes'])} available"
+        )
+    if lines and lines[-1]:
+        lines.append("")
+    counts = p.to_json()["summary"]
+    if p.empty:
+        lines.append("No changes. The running state matches the spec.")
+    else:
+        parts = [f"{counts[k]} to {k}" for k in ("load", "reload", "unload") if counts[k]]
+        activate = next((a.model for a in p.actions if a.kind == "activate"), None)
+        if activate is not None:
+            parts.append(f"active → {activate or 'none'}")
+        lines.append(f"Plan: {', '.join(parts)}.")
+    return "\n".join(lines) + "\n"
+
+
+def render_json(p: Plan) -> str:
+    return json.dumps(p.to_json(), indent=2, sort_keys=True) + "\n"
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

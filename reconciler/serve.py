@@ -1,0 +1,132 @@
+"""`xgen serve`: the reconciler and the HTTP app in one event loop, with a clean shutdown.
+
+SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), stop every child, exit 0.
+A second signal forces: children get SIGKILL at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from reconciler.drivers.registry import default_drivers
+from reconciler.executor import Executor
+from reconciler.gpu import GpuMonitor
+from reconciler.ports import PortAllocator
+from reconciler.spec import Spec
+from reconciler.store import StateStore
+from reconciler.supervisor import Supervisor, cleanup_orphans
+from reconciler.watch import Reconciler
+from reconciler.web.app import create_app
+
+log = logging.getLogger("xgen")
+DRAIN_S = 30.0
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # signals are ours (see serve); uvicorn must not re-raise them at exit
+
+
+def state_dir_for(file: Path, spec: Spec, override: str | None) -> Path:
+    chosen = override or spec.server.state_dir
+    if chosen:
+        path = Path(chosen).expanduser()
+        return path if path.is_absolute() else file.resolve().parent / path
+    return file.resolve().parent / ".xgen"
+
+
+def serve(file: Path, spec: Spec, host: str | None, port: int | None, state_dir: str | None) -> int:
+    directory = state_dir_for(file, spec, state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = (directory / "daemon.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        log.error(
+            "another xgen serve (pid %s) uses the state dir %s; stop it or pass --state-dir",
+            lock.read().strip() or "?",
+            directory,
+        )
+        return 1
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return asyncio.run(_serve(file, spec, host or spec.server.host, port or spec.server.port, directory))
+
+
+async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path) -> int:
+    await cleanup_orphans(state_dir)
+    store = StateStore()
+    drivers = default_drivers()
+    backends = {name: await asyncio.to_thread(d.availability) for name, d in drivers.items()}
+    low, high = spec.server.port_range
+    reconciler: Reconciler | None = None
+    supervisor = Supervisor(
+        store,
+        drivers,
+        state_dir,
+        PortAllocator(low, high),
+        spec.server.stop_grace_s,
+        on_exit=lambda: reconciler.request_pass() if reconciler else None,
+    )
+    executor = Executor(store, supervisor, DRAIN_S)
+    reconciler = Reconciler(file, store, executor, GpuMonitor())
+    app = create_app(store, lambda: reconciler.spec if reconciler else None, executor.inflight, backends)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=int(DRAIN_S),
+        lifespan="on",
+    )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("%s: draining requests and stopping models (send again to force)", sig.name)
+            server.should_exit = True
+            reconciler.stop()
+        else:
+            log.warning("%s again: killing every backend now", sig.name)
+            supervisor.kill_all_now()
+            server.force_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    log.info("xgen serving %s on http://%s:%d (state dir %s)", file, host, port, state_dir)
+    web = asyncio.create_task(server.serve())
+    loop_task = asyncio.create_task(reconciler.run())
+    done, _ = await asyncio.wait({web, loop_task}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    for task in done:
+        if task.exception() is not None:
+            log.error("xgen stopped on an error: %r", task.exception())
+            code = 1
+    server.should_exit = True
+    reconciler.stop()
+    with contextlib.suppress(Exception):
+        await web
+    loop_task.cancel()
+    with contextlib.suppress(BaseException):
+        await loop_task
+    await supervisor.shutdown()
+    log.info("xgen stopped; no backend left running")
+    return code

@@ -1,0 +1,590 @@
+"""The desired state: pydantic models of `models.yaml` and loading with line-numbered errors.
+
+`parse()` is pure (text in, `Spec` or `SpecError` out). `load()` adds the host checks that need
+the filesystem: model paths exist, a directory resolves to its first `.gguf`. Every problem found
+is reported at once, each with file:line:column, the field path, what was found and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SPEC_VERSION = 1
+BACKENDS = ("llama-server", "vllm", "transformers")
+Backend = Literal["auto", "llama-server", "vllm", "transformers"]
+ServerType = Literal["llm", "embedding"]
+Desired = Literal["loaded", "unloaded"]
+Pooling = Literal["none", "mean", "cls", "last", "rank"]
+
+# Flags xgen sets itself from spec fields; in extra_args they would silently fight the spec.
+MANAGED_FLAGS: dict[str, str] = {
+    "--host": "server.host (children always bind 127.0.0.1)",
+    "--port": "port",
+    "-m": "path",
+    "--model": "path / hf_id",
+    "-c": "n_ctx",
+    "--ctx-size": "n_ctx",
+    "-ngl": "n_gpu_layers",
+    "--n-gpu-layers": "n_gpu_layers",
+    "--gpu-layers": "n_gpu_layers",
+    "--embeddings": "server_type: embedding",
+    "--embedding": "server_type: embedding",
+    "--lora": "lora",
+    "--served-model-name": "the model's name",
+    "--tensor-parallel-size": "vllm.tensor_parallel_size",
+    "--max-model-len": "n_ctx",
+    "--gpu-memory-utilization": "vllm.gpu_memory_utilization",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    """Where xgen itself listens and keeps its state."""
+
+    host: str = Field("127.0.0.1", description="Address of the status app and /v1 proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the status app and /v1 proxy.")
+    port_range: tuple[int, int] = Field(
+        (8001, 8020), description="Inclusive range of ports handed to backend processes."
+    )
+    api_key: str | None = Field(None, description="If set, /v1 requires `Authorization: Bearer <api_key>`.")
+    state_dir: str | None = Field(None, description="Logs and pid files; default: .xgen beside models.yaml.")
+    status_public: bool = Field(False, description="Serve status endpoints to non-loopback clients too.")
+    load_wait_s: float = Field(30.0, ge=0, description="How long /v1 waits for a LOADING model before answering 503.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest /v1 request body accepted (413 above).")
+    stop_grace_s: float = Field(30.0, ge=0, description="SIGTERM → SIGKILL grace period for backend processes.")
+    max_restarts: int = Field(
+        5, ge=0, description="Consecutive failures of an unchanged spec before xgen stops retrying."
+    )
+
+    @field_validator("api_key", "state_dir", mode="after")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("port_range", mode="after")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"found [{low}, {high}], expected [low, high] with 1 <= low <= high <= 65535")
+        return value
+
+
+class LlamaOptions(_Strict):
+    """llama.cpp `llama-server` settings."""
+
+    threads: int | None = Field(None, ge=1, description="-t: CPU threads for generation.")
+    threads_batch: int | None = Field(None, ge=1, description="-tb: CPU threads for prompt processing.")
+    batch_size: int | None = Field(None, ge=1, description="-b: logical batch size.")
+    ubatch_size: int | None = Field(None, ge=1, description="-ub: physical batch size.")
+    parallel: int | None = Field(None, ge=1, description="-np: concurrent request slots.")
+    mmap: bool = Field(True, description="Memory-map the model file (--no-mmap when false).")
+    mlock: bool = Field(False, description="Lock the model in RAM (--mlock).")
+    flash_attn: Literal["on", "off", "auto"] | None = Field(None, description="-fa.")
+    pooling: Pooling | None = Field(None, description="Pooling for embedding models (default mean).")
+
+
+class VllmOptions(_Strict):
+    """vLLM OpenAI server settings."""
+
+    python: str | None = Field(
+        None, description="Interpreter with vLLM installed (default: $XGEN_VLLM_PYTHON, else xgen's)."
+    )
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Default: the number of GPUs in gpu_index.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1, description="Default: n_ctx.")
+    block_size: int | None = Field(None, ge=1)
+    swap_space: float | None = Field(None, ge=0, description="CPU swap space per GPU, GiB.")
+    dtype: str | None = Field(None, description="auto, float16, bfloat16, float32.")
+
+
+class TransformersOptions(_Strict):
+    """Settings of xgen's own transformers server."""
+
+    dtype: str | None = Field(None, description="auto, float16, bfloat16, float32.")
+
+
+class LoraAdapter(_Strict):
+    name: str = Field(min_length=1, description="Name that /v1 requests use to select the adapter.")
+    path: str = Field(min_length=1, description="Adapter directory or GGUF file.")
+    scale: float = Field(1.0, description="Adapter scale (llama-server).")
+
+
+def _check_gpu_index(value: Any) -> Any:
+    ok = (
+        value is None
+        or (isinstance(value, int) and not isinstance(value, bool))
+        or (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    )
+    if not ok:
+        raise ValueError(
+            f"found {value!r}, expected a GPU index (0), a list of indices for tensor parallel ([0, 1]) or null for CPU"
+        )
+    return value
+
+
+class ModelSpec(_Strict):
+    """One model: what to serve, with which backend, where."""
+
+    path: str | None = Field(
+        None, description="GGUF file, or a directory (first .gguf in sorted order, or an HF model directory)."
+    )
+    hf_id: str | None = Field(None, description="Hugging Face model id (vLLM / transformers).")
+    backend: Backend = "auto"
+    server_type: ServerType = "llm"
+    gpu_index: Annotated[
+        int | list[int] | None, Field(description="GPU index, list for tensor parallel, null = CPU.")
+    ] = None
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU: -1 all, 0 none.")
+    n_ctx: int = Field(4096, ge=16, description="Context length in tokens.")
+    port: int | None = Field(None, ge=1, le=65535, description="Fixed backend port (default: from port_range).")
+    aliases: list[str] = Field(default_factory=list, description="Other names /v1 requests may use.")
+    desired: Desired = "loaded"
+    ready_timeout_s: float | None = Field(None, gt=0, description="Readiness timeout (driver default).")
+    llama: LlamaOptions = Field(default_factory=LlamaOptions)
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+    transformers: TransformersOptions = Field(default_factory=TransformersOptions)
+    lora: list[LoraAdapter] = Field(default_factory=list)
+    extra_args: list[str] = Field(default_factory=list, description="More backend flags (not ones xgen manages).")
+
+    @field_validator("gpu_index", mode="before")
+    @classmethod
+    def _gpu_index(cls, value: Any) -> Any:
+        return _check_gpu_index(value)
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        """The GPU indices as a tuple; empty for CPU."""
+        if self.gpu_index is None:
+            return ()
+        return (self.gpu_index,) if isinstance(self.gpu_index, int) else tuple(self.gpu_index)
+
+    @property
+    def source(self) -> str:
+        return self.path or self.hf_id or ""
+
+    @property
+    def format(self) -> Literal["gguf", "hf"]:
+        return "gguf" if self.path and self.path.lower().endswith(".gguf") else "hf"
+
+
+class Spec(_Strict):
+    """The whole file, validated."""
+
+    version: Literal[1] = Field(1, description="Format version of this file.")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="Model settings applied to every model unless it sets them."
+    )
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    active: str | None = Field(None, description="Model (or alias) that /v1 uses when a request names none.")
+
+    @property
+    def loaded(self) -> dict[str, ModelSpec]:
+        """Models whose desired state is loaded, in file order."""
+        return {n: m for n, m in self.models.items() if m.desired == "loaded"}
+
+    @property
+    def generation(self) -> str:
+        """Identity of this spec: a hash of its canonical JSON (comments and order don't count)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def resolve(self, name: str) -> str | None:
+        """The model a name or alias refers to, or None."""
+        if name in self.models:
+            return name
+        return next((n for n, m in self.models.items() if name in m.aliases), None)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the file, located."""
+
+    file: str
+    line: int
+    column: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class SpecError(Exception):
+    """The file is not a valid spec; `problems` lists everything wrong, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.line, p.column, p.field))
+        count = len(self.problems)
+        head = f"{count} problem{'s' if count != 1 else ''} in {self.problems[0].file}" if count else ""
+        super().__init__("\n".join([head, *map(str, self.problems)]))
+
+
+# ---------------------------------------------------------------- YAML with positions
+
+Loc = tuple[str | int, ...]
+_ENV = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Reader:
+    """Turns a composed YAML node tree into plain data, remembering where each value was."""
+
+    def __init__(self, file: str, env: Mapping[str, str]) -> None:
+        self.file = file
+        self.env = env
+        self.positions: dict[Loc, tuple[int, int]] = {}
+        self.problems: list[Problem] = []
+
+    def problem(self, loc: Loc, message: str) -> None:
+        line, col = self.where(loc)
+        self.problems.append(Problem(self.file, line, col, _dotted(loc), message))
+
+    def where(self, loc: Loc) -> tuple[int, int]:
+        while loc not in self.positions and loc:
+            loc = loc[:-1]
+        return self.positions.get(loc, (1, 1))
+
+    def read(self, node: yaml.Node, loc: Loc) -> Any:
+        self.positions[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                if key in out:
+                    first = self.positions[(*loc, key)]
+                    self.positions[(*loc, key, "__dup")] = (
+                        key_node.start_mark.line + 1,
+                        key_node.start_mark.column + 1,
+                    )
+                    self.problem((*loc, key, "__dup"), f"duplicate key '{key}' (first defined at line {first[0]})")
+                    continue
+                out[key] = self.read(value_node, (*loc, key))
+                # point at the key rather than the value: that is where people look
+                self.positions[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.read(item, (*loc, i)) for i, item in enumerate(node.value)]
+        value = yaml.SafeLoader("").construct_object(node, deep=True)
+        return self.expand(value, loc) if isinstance(value, str) else value
+
+    def expand(self, text: str, loc: Loc) -> str:
+        def sub(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name in self.env and (self.env[name] or default is None):
+                return self.env[name]
+            if default is not None:
+                return default
+            self.problem(loc, f"environment variable {name} is not set (set it, or give a default: ${{{name}:-value}})")
+            return ""
+
+        return _ENV.sub(sub, text)
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc if p != "__dup")
+
+
+# ---------------------------------------------------------------- parse
+
+
+def parse(text: str, file: str = "models.yaml", env: Mapping[str, str] | None = None) -> Spec:
+    """Validate the text of a models.yaml; raise SpecError listing every problem."""
+    reader = _Reader(file, os.environ if env is None else env)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise SpecError([Problem(file, line, col, "", f"invalid YAML: {exc.problem or exc}")]) from None
+    data = reader.read(root, ()) if root is not None else {}
+    if not isinstance(data, dict):
+        reader.problem((), f"found {type(data).__name__}, expected a mapping with 'models:'")
+        raise SpecError(reader.problems)
+    data = _apply_defaults(data, reader)
+    spec, invalid = _validate(data, reader)
+    if spec is not None:
+        _cross_checks(spec, invalid, reader)
+    if reader.problems or spec is None:
+        raise SpecError(reader.problems)
+    return spec
+
+
+def _apply_defaults(data: dict[str, Any], reader: _Reader) -> dict[str, Any]:
+    """Merge `defaults:` under every model (a model's own keys win; nested blocks merge)."""
+    defaults = data.get("defaults") or {}
+    models = data.get("models")
+    if not isinstance(defaults, dict) or not isinstance(models, dict):
+        return data
+    merged: dict[str, Any] = {}
+    for name, model in models.items():
+        if not isinstance(model, dict):
+            merged[name] = model
+            continue
+        out = dict(model)
+        for key, value in defaults.items():
+            if key not in out:
+                out[key] = value
+                _alias_positions(reader, ("defaults", key), ("models", name, key))
+            elif isinstance(value, dict) and isinstance(out[key], dict):
+                for sub, sub_value in value.items():
+                    if sub not in out[key]:
+                        out[key] = {**out[key], sub: sub_value}
+                        _alias_positions(reader, ("defaults", key, sub), ("models", name, key, sub))
+        merged[name] = out
+    return {**data, "models": merged}
+
+
+def _alias_positions(reader: _Reader, src: Loc, dst: Loc) -> None:
+    for loc, pos in list(reader.positions.items()):
+        if loc[: len(src)] == src:
+            reader.positions[dst + loc[len(src) :]] = pos
+
+
+def _validate(data: dict[str, Any], reader: _Reader) -> tuple[Spec | None, set[str]]:
+    """Pydantic validation, each model on its own so that one bad model hides nothing else.
+
+    Returns the spec holding the models that validated (None if the top level is invalid) and
+    the names of the models that did not.
+    """
+    models = data.get("models") if isinstance(data.get("models"), dict) else None
+    top = {**data, "models": {}} if models is not None else data
+    spec: Spec | None = None
+    try:
+        spec = Spec.model_validate(top)
+    except ValidationError as exc:
+        _report(exc, (), reader)
+    good: dict[str, ModelSpec] = {}
+    for name, raw in (models or {}).items():
+        try:
+            good[name] = ModelSpec.model_validate(raw if raw is not None else {})
+        except ValidationError as exc:
+            _report(exc, ("models", name), reader)
+    bad = set(models or {}) - set(good)
+    return (spec.model_copy(update={"models": good}) if spec else None), bad
+
+
+def _report(exc: ValidationError, prefix: Loc, reader: _Reader) -> None:
+    seen: set[tuple[Loc, str]] = set()
+    for err in exc.errors():
+        loc: Loc = (*prefix, *err["loc"])
+        message = _message(err, loc)
+        if (loc, message) not in seen:
+            seen.add((loc, message))
+            reader.problem(loc, message)
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+    "tuple": "a list of two integers",
+}
+
+
+def _message(err: Any, loc: Loc) -> str:
+    kind: str = err["type"]
+    found = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+        return f"unknown key '{key}' ({hint})"
+    if kind == "missing":
+        return f"missing required key '{loc[-1]}'"
+    if kind == "literal_error":
+        return f"found {found!r}, expected one of: {ctx.get('expected', '').replace(' or ', ', ')}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    for word, expected in _TYPE_WORDS.items():
+        if kind.startswith(word) and ("parsing" in kind or "type" in kind):
+            return f"found {found!r}, expected {expected}"
+    return f"{err['msg'][0].lower()}{err['msg'][1:]} (found {found!r})"
+
+
+def _valid_keys(loc: Loc) -> list[str]:
+    """The keys allowed at a mapping path, for 'did you mean'."""
+    model: type[BaseModel] = Spec
+    for part in loc:
+        if model is Spec and part == "models":
+            model = ModelSpec
+            continue
+        if model is ModelSpec and part not in ModelSpec.model_fields:
+            continue  # a model's name
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return sorted(model.model_fields)
+
+
+# ---------------------------------------------------------------- cross-field rules
+
+
+def _cross_checks(spec: Spec, invalid: set[str], reader: _Reader) -> None:
+    """Rules across fields and models. `invalid` models were already reported; they are
+    skipped here, but their names still count as known."""
+    owner: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    for name, model in spec.models.items():
+        at: Loc = ("models", name)
+        for i, alias in enumerate(model.aliases):
+            if alias in spec.models:
+                reader.problem(
+                    (*at, "aliases", i), f"alias '{alias}' shadows the model of that name; rename one of them"
+                )
+            elif alias in owner:
+                reader.problem((*at, "aliases", i), f"alias '{alias}' is already used by model '{owner[alias]}'")
+            else:
+                owner[alias] = name
+        if model.port is not None:
+            if model.port in ports:
+                reader.problem((*at, "port"), f"port {model.port} is also pinned by model '{ports[model.port]}'")
+            elif model.port == spec.server.port:
+                reader.problem((*at, "port"), f"port {model.port} is xgen's own server.port")
+            ports[model.port] = name
+        for problem in source_problems(model):
+            reader.problem((*at, problem[0]), problem[1])
+        for i, arg in enumerate(model.extra_args):
+            flag = arg.split("=", 1)[0]
+            if flag in MANAGED_FLAGS:
+                reader.problem(
+                    (*at, "extra_args", i), f"'{flag}' is managed by xgen: set {MANAGED_FLAGS[flag]} instead"
+                )
+        tp = model.vllm.tensor_parallel_size
+        if tp is not None and model.gpus and tp != len(model.gpus):
+            reader.problem(
+                (*at, "vllm", "tensor_parallel_size"),
+                f"found {tp}, but gpu_index names {len(model.gpus)} GPU(s); they must agree",
+            )
+        lora_names = [a.name for a in model.lora]
+        for i, adapter in enumerate(model.lora):
+            if adapter.name in spec.models or adapter.name in owner or lora_names.count(adapter.name) > 1:
+                reader.problem(
+                    (*at, "lora", i, "name"), f"adapter name '{adapter.name}' is already a model, alias or adapter name"
+                )
+    if spec.active is not None:
+        target = spec.resolve(spec.active)
+        if target is None and spec.active in invalid:
+            pass
+        elif target is None:
+            names = ", ".join([*spec.models, *sorted(invalid)]) or "none defined"
+            reader.problem(
+                ("active",), f"found '{spec.active}', expected the name or alias of a model (models: {names})"
+            )
+        elif spec.models[target].desired != "loaded":
+            reader.problem(("active",), f"model '{target}' has desired: unloaded; the active model must be loaded")
+        elif spec.models[target].server_type == "embedding":
+            reader.problem(("active",), f"model '{target}' is an embedding model; the active model must be an llm")
+
+
+def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
+    """Pure checks of path/hf_id against the backend: (field, message) pairs."""
+    if (model.path is None) == (model.hf_id is None):
+        return [("path", "set exactly one of 'path' (a local file or directory) or 'hf_id'")]
+    if model.backend == "llama-server" and model.hf_id is not None:
+        return [("backend", "llama-server needs a GGUF file in 'path', not an hf_id")]
+    if model.backend in ("vllm", "transformers") and model.format == "gguf":
+        return [
+            (
+                "backend",
+                f"{model.backend} serves Hugging Face model directories, not GGUF files; use backend: llama-server",
+            )
+        ]
+    return []
+
+
+# ---------------------------------------------------------------- load (host checks)
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Spec:
+    """Read, validate and resolve a models.yaml: relative paths are taken from the file's
+    directory, a directory of GGUF files resolves to its first `.gguf`, and missing paths are
+    errors. Raises SpecError with every problem, or OSError if the file cannot be read."""
+    file = Path(path)
+    text = file.read_text(encoding="utf-8")
+    spec = parse(text, str(path), env)
+    return resolve_paths(spec, text, str(path), file.resolve().parent)
+
+
+def resolve_paths(spec: Spec, text: str, file: str, base: Path) -> Spec:
+    reader = _Reader(file, {})
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        reader.read(root, ())
+    models: dict[str, ModelSpec] = {}
+    for name, model in spec.models.items():
+        if model.path is None:
+            models[name] = model
+            continue
+        resolved, problem = _resolve(Path(model.path).expanduser(), base, model)
+        if problem:
+            reader.problem(("models", name, "path"), problem)
+        models[name] = model.model_copy(update={"path": str(resolved)})
+        for problem_field, message in source_problems(models[name]):
+            if model.format != models[name].format:  # the directory revealed the format
+                reader.problem(("models", name, problem_field), message)
+        for i, adapter in enumerate(model.lora):
+            if not _resolve_plain(Path(adapter.path).expanduser(), base).exists():
+                reader.problem(("models", name, "lora", i, "path"), f"adapter not found: {adapter.path}")
+    if reader.problems:
+        raise SpecError(reader.problems)
+    return spec.model_copy(update={"models": models})
+
+
+def _resolve_plain(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else base / path
+
+
+def _resolve(path: Path, base: Path, model: ModelSpec) -> tuple[Path, str | None]:
+    full = _resolve_plain(path, base)
+    if not full.exists():
+        return full, f"not found: {full} (check the path; relative paths start at the directory of this file)"
+    if full.is_dir():
+        ggufs = sorted(p for p in full.iterdir() if p.suffix.lower() == ".gguf")
+        if ggufs and model.backend in ("auto", "llama-server"):
+            return ggufs[0], None
+        if not (full / "config.json").exists():
+            return full, f"{full} holds neither a .gguf file nor a Hugging Face model (config.json)"
+    return full, None
+
+
+def json_schema() -> dict[str, Any]:
+    """The published JSON schema of models.yaml (schemas/models.schema.json)."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://xgen.dev/schemas/models.schema.json"
+    schema["title"] = "xgen models.yaml"
+    # `defaults` takes any ModelSpec key; say so, so editors complete them there too.
+    schema["properties"]["defaults"] = {
+        "$ref": "#/$defs/ModelSpec",
+        "description": schema["properties"]["defaults"]["description"],
+    }
+    return schema

@@ -1,0 +1,135 @@
+"""Model states, the one table of allowed transitions, and the per-model record.
+
+`LOADING → LOADED → UNLOADING → GONE`, `LOADING → ERROR`, `LOADED → ERROR` (process died),
+`ERROR → LOADING` (retry). Anything else is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.spec import ModelSpec
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    UNLOADING = "UNLOADING"
+    ERROR = "ERROR"
+    GONE = "GONE"
+
+
+S = ModelState
+ALLOWED: frozenset[tuple[ModelState, ModelState]] = frozenset(
+    {
+        (S.LOADING, S.LOADED),
+        (S.LOADING, S.ERROR),
+        (S.LOADING, S.UNLOADING),  # spec changed while loading: stop the half-started process
+        (S.LOADED, S.UNLOADING),
+        (S.LOADED, S.ERROR),  # the process died
+        (S.ERROR, S.LOADING),  # retry with backoff, or a changed spec
+        (S.ERROR, S.UNLOADING),  # removed while failed: make sure nothing is left
+        (S.UNLOADING, S.GONE),
+        (S.UNLOADING, S.ERROR),  # could not be stopped cleanly
+    }
+)
+
+
+class TransitionError(RuntimeError):
+    """A state change outside the table: a bug in xgen, never a user error."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What xgen knows about one model's process; replaced, never mutated."""
+
+    name: str
+    spec: ModelSpec
+    backend: str
+    state: ModelState
+    launch_hash: str = ""
+    port: int | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    error_message: str | None = None
+    log_tail: tuple[str, ...] = ()
+    restarts: int = 0
+    failures: int = 0  # consecutive failures of this launch description
+    retry_at: float | None = None
+    estimated_bytes: int | None = None
+    measured_bytes: int | None = None
+    since: float = 0.0
+
+    @property
+    def endpoint(self) -> str | None:
+        return f"http://127.0.0.1:{self.port}/v1" if self.port else None
+
+    @property
+    def device(self) -> str:
+        gpus = self.spec.gpus
+        return "cpu" if not gpus else ",".join(f"gpu:{g}" for g in gpus)
+
+    def to_json(self) -> dict[str, Any]:
+        """The status API's shape for one model."""
+        return {
+            "name": self.name,
+            "aliases": list(self.spec.aliases),
+            "backend": self.backend,
+            "server_type": self.spec.server_type,
+            "model_path": self.spec.source,
+            "state": self.state.value,
+            "port": self.port,
+            "endpoint": self.endpoint,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "since": self.since,
+            "restarts": self.restarts,
+            "failures": self.failures,
+            "retry_at": self.retry_at,
+            "error_message": self.error_message,
+            "log_tail": list(self.log_tail),
+            "gpu_index": list(self.spec.gpus),
+            "config": {"n_ctx": self.spec.n_ctx, "n_gpu_layers": self.spec.n_gpu_layers, "device": self.device},
+            "memory": {"estimated_bytes": self.estimated_bytes, "measured_bytes": self.measured_bytes},
+            "spec": self.spec.model_dump(mode="json"),
+        }
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One state change, as published on the event stream."""
+
+    name: str
+    old: ModelState | None
+    new: ModelState
+    reason: str = ""
+    info: ModelInfo | None = field(default=None, compare=False)
+
+
+def transition(info: ModelInfo, to: ModelState, at: float, **changes: Any) -> ModelInfo:
+    """Return `info` moved to state `to` (with other fields changed); raise on a move not in ALLOWED."""
+    if (info.state, to) not in ALLOWED:
+        raise TransitionError(f"{info.name}: {info.state.value} → {to.value} is not an allowed transition")
+    return dataclasses.replace(info, state=to, since=at, **changes)
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as a detector reports it. None means unknown, never a made-up 0."""
+
+    index: int
+    name: str
+    vendor: str  # nvidia | amd
+    memory_total: int
+    memory_used: int | None = None
+    memory_free: int | None = None
+    utilization: float | None = None
+    uuid: str | None = None
+    driver: str | None = None
+    detector: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,150 @@
+"""StateStore: the one place that holds ModelInfo per model, and the event stream.
+
+Every state change goes through `transition()` here, which applies the table in state.py, logs
+one line and publishes an event. Readers (the web app, `xgen apply --wait`) only read.
+Events carry increasing ids and a bounded backlog, so an SSE client resumes without a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.state import ModelInfo, ModelState, transition
+
+log = logging.getLogger("xgen")
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    kind: str  # state | plan | spec_error | spec_ok | gpu
+    data: dict[str, Any]
+
+
+@dataclass
+class StateStore:
+    backlog: int = 1000
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    active: str | None = None
+    generation: str | None = None
+    observed_generation: str | None = None
+    spec_error: list[str] | None = None  # problems of the file as it is now, if invalid
+    last_plan: dict[str, Any] | None = None
+    last_pass: dict[str, Any] | None = None
+    gpu: dict[str, Any] = field(default_factory=lambda: {"detector": "cpu", "total": 0, "gpus": []})
+    started_at: float = field(default_factory=time.time)
+    _events: deque[Event] = field(default_factory=deque)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
+    _changed: asyncio.Condition | None = None
+
+    # ------------------------------------------------ writes (daemon side only)
+
+    def put(self, info: ModelInfo) -> None:
+        """Record a model entering LOADING from nothing (a load, or the start of a reload)."""
+        self.models[info.name] = info
+        self._state_event(info, None, "")
+
+    def transition(self, name: str, to: ModelState, reason: str = "", **changes: Any) -> ModelInfo:
+        old = self.models[name]
+        new = transition(old, to, time.time(), **changes)
+        if to is ModelState.GONE:
+            del self.models[name]
+        else:
+            self.models[name] = new
+        self._state_event(new, old.state, reason)
+        return new
+
+    def update(self, name: str, **changes: Any) -> None:
+        """Change fields that are not the state (measured memory, an adopted spec)."""
+        if name in self.models:
+            self.models[name] = dataclasses.replace(self.models[name], **changes)
+
+    def publish(self, kind: str, data: dict[str, Any]) -> Event:
+        event = Event(next(self._ids), kind, data)
+        self._events.append(event)
+        while len(self._events) > self.backlog:
+            self._events.popleft()
+        for listener in self.listeners:
+            listener(kind, data)
+        self._notify()
+        return event
+
+    def _state_event(self, info: ModelInfo, old: ModelState | None, reason: str) -> None:
+        msg = f"{info.name}: {old.value if old else '-'} → {info.state.value}"
+        extra = f" ({reason})" if reason else ""
+        (log.warning if info.state is ModelState.ERROR else log.info)("%s%s", msg, extra)
+        self.publish(
+            "state",
+            {
+                "model": info.name,
+                "from": old.value if old else None,
+                "to": info.state.value,
+                "reason": reason,
+                "info": info.to_json(),
+            },
+        )
+
+    def _notify(self) -> None:
+        if self._changed is None:
+            try:
+                self._changed = asyncio.Condition()
+            except RuntimeError:
+                return
+        cond = self._changed
+
+        async def wake() -> None:
+            async with cond:
+                cond.notify_all()
+
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(wake())
+
+    # ------------------------------------------------ reads
+
+    def events_after(self, last_id: int) -> list[Event]:
+        return [e for e in self._events if e.id > last_id]
+
+    async def follow(self, last_id: int, idle_s: float) -> AsyncIterator[Event | None]:
+        """Events after `last_id`, then each new one as it is published (for SSE);
+        None after `idle_s` without one, so the caller can send a keep-alive."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        while True:
+            pending = self.events_after(last_id)
+            for event in pending:
+                last_id = event.id
+                yield event
+            async with self._changed:
+                if not self.events_after(last_id):
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), idle_s)
+                    except TimeoutError:
+                        yield None
+
+    async def wait_for(self, name: str, timeout: float) -> ModelInfo | None:
+        """Wait until `name` leaves LOADING (or the timeout); return its info then."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.models.get(name)
+            left = deadline - time.monotonic()
+            if info is None or info.state is not ModelState.LOADING or left <= 0:
+                return info
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+
+    @property
+    def converged(self) -> bool:
+        return self.generation is not None and self.generation == self.observed_generation

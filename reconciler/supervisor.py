@@ -1,0 +1,346 @@
+"""Owns the backend child processes: start, readiness, stop, crash detection, backoff, cleanup.
+
+Children get an argv list (never a shell), their own process group, a parent-death signal, and
+their output in a per-model log file under the state dir. A pid file per child (pid, start time,
+argv) lets the next `xgen serve` clean up what a crashed daemon left behind. Stop = SIGTERM to
+the group, a grace period, then SIGKILL. Every state change goes through the StateStore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+import psutil
+
+from reconciler.drivers.base import Driver, ready_timeout
+from reconciler.plan import ObservedModel
+from reconciler.ports import PortAllocator, PortsExhausted
+from reconciler.spec import ModelSpec
+from reconciler.state import ModelInfo, ModelState
+from reconciler.store import StateStore
+
+log = logging.getLogger("xgen.supervisor")
+LOG_ROTATE_BYTES = 10 * 2**20
+TAIL_LINES = 20
+STABLE_AFTER_S = 60.0  # a crash after this long up counts as a first failure again
+BACKOFF_CAP_S = 60.0
+
+
+def backoff_s(failures: int) -> float:
+    """1, 2, 4 … seconds, capped."""
+    return float(min(BACKOFF_CAP_S, 2 ** max(0, failures - 1)))
+
+
+def launch_hash(argv: list[str], env: dict[str, str]) -> str:
+    """Identity of a launch description: a different hash means a different process."""
+    return hashlib.sha256(json.dumps([argv, sorted(env.items())]).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Child:
+    proc: asyncio.subprocess.Process
+    argv: list[str]
+    started: float
+    stopping: bool = False
+    watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the daemon dies, however it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Supervisor:
+    def __init__(
+        self,
+        store: StateStore,
+        drivers: dict[str, Driver],
+        state_dir: Path,
+        ports: PortAllocator,
+        grace_s: float = 30.0,
+        on_exit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.drivers = drivers
+        self.state_dir = state_dir
+        self.ports = ports
+        self.grace_s = grace_s
+        self.on_exit = on_exit
+        self.children: dict[str, Child] = {}
+        self.backends: dict[str, str] = {}
+        (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (state_dir / "pids").mkdir(parents=True, exist_ok=True)
+        self._http = httpx.AsyncClient(timeout=2.0)
+
+    # ------------------------------------------------ observe
+
+    def observed(self) -> dict[str, ObservedModel]:
+        now = time.time()
+        return {
+            name: ObservedModel(
+                info.spec,
+                info.backend,
+                info.state,
+                info.failures,
+                info.retry_at is None or info.retry_at <= now,
+                info.error_message,
+            )
+            for name, info in self.store.models.items()
+        }
+
+    # ------------------------------------------------ start
+
+    async def start(self, name: str, model: ModelSpec, backend: str) -> bool:
+        """Start the model's process and wait until it is ready. True when LOADED."""
+        driver = self.drivers.get(backend)
+        old = self.store.models.get(name)
+        prev_port = old.port if old else None
+        failures = old.failures if old else 0
+        restarts = old.restarts if old else 0
+        if old is not None and old.spec != model:
+            failures = 0  # a changed spec gets a fresh set of retries
+        if old is None:
+            self.store.put(ModelInfo(name, model, backend, ModelState.LOADING, since=time.time(), restarts=restarts))
+        else:
+            restarts += old.state is ModelState.ERROR
+            self.store.transition(
+                name,
+                ModelState.LOADING,
+                "retry" if old.state is ModelState.ERROR else "",
+                spec=model,
+                backend=backend,
+                error_message=None,
+                log_tail=(),
+                pid=None,
+                restarts=restarts,
+                retry_at=None,
+            )
+        if driver is None:
+            return self._fail(name, failures, f"backend {backend} is not available in this xgen")
+        try:
+            port = self.ports.allocate(name, model.port, prev_port)
+        except PortsExhausted as exc:
+            return self._fail(name, failures, str(exc))
+        try:
+            argv = driver.command(name, model, port)
+        except FileNotFoundError as exc:
+            return self._fail(name, failures, str(exc))
+        extra = driver.environment(model)
+        logfile = self._open_log(name)
+        t0 = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **extra},
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            return self._fail(name, failures, f"could not start {argv[0]}: {exc}")
+        finally:
+            logfile.close()
+        child = Child(proc, argv, time.time())
+        self.children[name] = child
+        self.backends[name] = backend
+        self._write_pidfile(name, proc.pid, argv)
+        self.store.update(name, pid=proc.pid, port=port, started_at=child.started, launch_hash=launch_hash(argv, extra))
+        log.info("%s: started %s pid %d on port %d", name, backend, proc.pid, port)
+        ok, why = await self._wait_ready(child, driver.health_url(port), ready_timeout(driver, model))
+        if not ok:
+            await self._kill(name, child)
+            return self._fail(name, failures, why)
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(name, child))
+        self.store.transition(name, ModelState.LOADED, f"ready in {time.monotonic() - t0:.2f} s")
+        return True
+
+    async def _wait_ready(self, child: Child, url: str, timeout: float) -> tuple[bool, str]:
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while time.monotonic() < deadline:
+            if child.proc.returncode is not None:
+                return False, f"exited with code {child.proc.returncode} while loading"
+            with contextlib.suppress(httpx.HTTPError):
+                if (await self._http.get(url)).status_code == 200:
+                    return True, ""
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+        return False, f"not ready after {timeout:.0f} s (health: {url}); raise ready_timeout_s if it is just slow"
+
+    def _fail(self, name: str, failures: int, why: str) -> bool:
+        failures += 1
+        tail = self.log_tail(name)
+        self.ports.release(name)
+        self.store.transition(
+            name,
+            ModelState.ERROR,
+            why,
+            error_message=why,
+            log_tail=tail,
+            failures=failures,
+            retry_at=time.time() + backoff_s(failures),
+            pid=None,
+        )
+        return False
+
+    # ------------------------------------------------ crash detection
+
+    async def _watch(self, name: str, child: Child) -> None:
+        code = await child.proc.wait()
+        if child.stopping or self.children.get(name) is not child:
+            return
+        self.children.pop(name, None)
+        self._remove_pidfile(name)
+        info = self.store.models[name]
+        up = time.time() - child.started
+        failures = 1 if up >= STABLE_AFTER_S else info.failures + 1
+        why = f"process exited with code {code} after {up:.0f} s"
+        self.ports.release(name)
+        self.store.transition(
+            name,
+            ModelState.ERROR,
+            why,
+            error_message=why,
+            log_tail=self.log_tail(name),
+            failures=failures,
+            retry_at=time.time() + backoff_s(failures),
+            pid=None,
+        )
+        self.on_exit()
+
+    # ------------------------------------------------ stop
+
+    async def stop(self, name: str, reason: str) -> None:
+        """UNLOADING → stop the process group → GONE. Idempotent."""
+        info = self.store.models.get(name)
+        if info is None:
+            return
+        if info.state is not ModelState.UNLOADING:
+            self.store.transition(name, ModelState.UNLOADING, reason)
+        child = self.children.get(name)
+        if child is not None:
+            t0 = time.monotonic()
+            await self._kill(name, child)
+            log.info("%s: stopped in %.2f s", name, time.monotonic() - t0)
+        self.ports.release(name)
+        self.store.transition(name, ModelState.GONE, reason)
+
+    async def _kill(self, name: str, child: Child) -> None:
+        child.stopping = True
+        await terminate_group(child.proc.pid, lambda: child.proc.returncode is not None, self.grace_s)
+        with contextlib.suppress(ProcessLookupError):
+            await child.proc.wait()
+        if child.watcher is not None:
+            child.watcher.cancel()
+        if self.children.get(name) is child:
+            del self.children[name]
+        self._remove_pidfile(name)
+
+    async def shutdown(self) -> None:
+        """Stop every child concurrently."""
+        async with asyncio.TaskGroup() as tg:
+            for name in list(self.store.models):
+                tg.create_task(self.stop(name, "xgen is shutting down"))
+        await self._http.aclose()
+
+    def kill_all_now(self) -> None:
+        """Second signal: SIGKILL every child group at once."""
+        for child in self.children.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
+
+    # ------------------------------------------------ files
+
+    def _open_log(self, name: str) -> BinaryIO:
+        path = self.state_dir / "logs" / f"{name}.log"
+        if path.exists() and path.stat().st_size > LOG_ROTATE_BYTES:
+            path.replace(path.with_suffix(".log.1"))
+        handle = path.open("ab")
+        handle.write(f"\n===== xgen: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+        handle.flush()
+        return handle
+
+    def log_tail(self, name: str, lines: int = TAIL_LINES) -> tuple[str, ...]:
+        path = self.state_dir / "logs" / f"{name}.log"
+        try:
+            with path.open("rb") as f:
+                f.seek(max(0, path.stat().st_size - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ()
+        text = text.rsplit("===== xgen: starting", 1)[-1]
+        return tuple(text.splitlines()[1:][-lines:])
+
+    def _pidfile(self, name: str) -> Path:
+        return self.state_dir / "pids" / f"{name}.json"
+
+    def _write_pidfile(self, name: str, pid: int, argv: list[str]) -> None:
+        with contextlib.suppress(psutil.Error):
+            created = psutil.Process(pid).create_time()
+            self._pidfile(name).write_text(json.dumps({"pid": pid, "create_time": created, "argv": argv}))
+
+    def _remove_pidfile(self, name: str) -> None:
+        self._pidfile(name).unlink(missing_ok=True)
+
+
+async def terminate_group(pid: int, exited: Callable[[], bool], grace_s: float) -> None:
+    """SIGTERM the process group of `pid`, wait up to `grace_s`, then SIGKILL it."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if exited() and not _group_alive(pid):
+            return
+        await asyncio.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def cleanup_orphans(state_dir: Path, grace_s: float = 10.0) -> list[int]:
+    """Stop children that a crashed daemon left behind, known by their pid files.
+
+    A pid is only touched when its start time and command line match the file, so a reused pid
+    belonging to something else is left alone. Returns the pids stopped.
+    """
+    stopped = []
+    for pidfile in sorted((state_dir / "pids").glob("*.json")):
+        try:
+            record = json.loads(pidfile.read_text())
+            proc = psutil.Process(record["pid"])
+            same = abs(proc.create_time() - record["create_time"]) < 1 and proc.cmdline() == record["argv"]
+        except (OSError, ValueError, KeyError, psutil.Error):
+            same = False
+        if same:
+            log.warning("stopping %s (pid %d) left behind by an earlier xgen", pidfile.stem, record["pid"])
+            await terminate_group(record["pid"], lambda p=proc: not p.is_running(), grace_s)  # type: ignore[misc]
+            stopped.append(record["pid"])
+        pidfile.unlink(missing_ok=True)
+    return stopped

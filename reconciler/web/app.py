@@ -1,0 +1,171 @@
+"""The read-only Starlette app: status JSON, the live status page, SSE events, metrics, and /v1.
+
+Nothing here changes desired state; that changes only through models.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from reconciler.drivers.base import Availability
+from reconciler.spec import Spec
+from reconciler.state import ModelState
+from reconciler.store import StateStore
+from reconciler.web import metrics
+from reconciler.web.proxy import Proxy, openai_error
+
+VERSION = "0.1.0"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KEEPALIVE_S = 15.0
+
+
+def _loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "testclient")
+
+
+def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availability]) -> dict[str, Any]:
+    if store.spec_error:
+        status = "spec_error"
+    elif any(i.state is ModelState.ERROR for i in store.models.values()):
+        status = "degraded"
+    elif store.converged:
+        status = "converged"
+    else:
+        status = "reconciling"
+    models = []
+    for name, info in store.models.items():
+        row = info.to_json()
+        if spec is not None and name in spec.models:
+            row["aliases"] = list(spec.models[name].aliases)
+        models.append(row)
+    return {
+        "status": status,
+        "version": VERSION,
+        "generation": store.generation,
+        "observed_generation": store.observed_generation,
+        "active_model": store.active,
+        "gpu_info": store.gpu,
+        "available_backends": {n: {"available": a.ok, "detail": a.detail} for n, a in backends.items()},
+        "loaded_models": models,
+        "desired_models": {n: m.desired for n, m in spec.models.items()} if spec else {},
+        "spec_error": store.spec_error,
+        "last_plan": store.last_plan,
+        "last_pass": store.last_pass,
+        "uptime_s": round(time.time() - store.started_at, 1),
+    }
+
+
+def create_app(
+    store: StateStore, get_spec: Callable[[], Spec | None], inflight: dict[str, int], backends: dict[str, Availability]
+) -> Starlette:
+    proxy = Proxy(store, get_spec, inflight)
+    store.listeners.append(metrics.observe_event)
+
+    def management(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def guarded(request: Request) -> Response:
+            spec = get_spec()
+            if not _loopback(request) and not (spec and spec.server.status_public):
+                return JSONResponse(
+                    {
+                        "error": "status endpoints answer loopback clients only "
+                        "(set server.status_public: true to open them)"
+                    },
+                    status_code=403,
+                )
+            result: Response = await handler(request)
+            return result
+
+        return guarded
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(status_json(store, get_spec(), backends))
+
+    async def gpus(request: Request) -> Response:
+        return JSONResponse(store.gpu)
+
+    async def loading(request: Request) -> Response:
+        loading = {
+            n: {"since": i.since, "elapsed_s": round(time.time() - i.since, 2), "port": i.port}
+            for n, i in store.models.items()
+            if i.state is ModelState.LOADING
+        }
+        return JSONResponse({"loading": loading, "count": len(loading)})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        info = store.models.get(store.active or "")
+        ok = info is not None and info.state is ModelState.LOADED
+        return JSONResponse(
+            {"ready": ok, "active_model": store.active, "state": info.state.value if info else None},
+            status_code=200 if ok else 503,
+        )
+
+    async def events(request: Request) -> Response:
+        try:
+            last = int(request.headers.get("last-event-id") or request.query_params.get("last_event_id") or 0)
+        except ValueError:
+            last = 0
+        return StreamingResponse(_sse(store, last), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def prometheus(request: Request) -> Response:
+        metrics.refresh(store)
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def page(request: Request) -> Response:
+        html = resources.files("reconciler.web").joinpath("templates/status.html").read_text()
+        return HTMLResponse(html)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return openai_error(404, f"no route {request.method} {request.url.path}", "invalid_request_error", "not_found")
+
+    routes = [
+        Route("/", management(page)),
+        Route("/health", health),
+        Route("/ready", ready),
+        Route("/api/management/status", management(status)),
+        Route("/api/management/gpus", management(gpus)),
+        Route("/api/inference/loading-status", management(loading)),
+        Route("/api/events", management(events)),
+        Route("/metrics", management(prometheus)),
+        Route("/v1/models", proxy.models, methods=["GET"]),
+        Route("/v1/chat/completions", proxy.forward, methods=["POST"]),
+        Route("/v1/completions", proxy.forward, methods=["POST"]),
+        Route("/v1/embeddings", proxy.forward, methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await proxy.close()
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
+    app.state.proxy = proxy
+    return app
+
+
+async def _sse(store: StateStore, last: int) -> AsyncIterator[bytes]:
+    """Events as SSE frames with ids; a comment every 15 s keeps idle connections open."""
+    yield b"retry: 2000\n\n"
+    async for event in store.follow(last, KEEPALIVE_S):
+        if event is None:
+            yield b": keepalive\n\n"
+        else:
+            yield f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n".encode()

@@ -1,0 +1,91 @@
+"""Prometheus metrics (prometheus-client, one registry of xgen's own)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from reconciler.state import ModelState
+from reconciler.store import StateStore
+
+REGISTRY = CollectorRegistry()
+MODEL_STATE = Gauge("xgen_model_state", "1 for the state each model is in", ["model", "state"], registry=REGISTRY)
+TRANSITIONS = Counter("xgen_model_transitions_total", "State transitions", ["model", "to"], registry=REGISTRY)
+LOAD_SECONDS = Histogram(
+    "xgen_model_load_seconds",
+    "Time from LOADING to LOADED",
+    ["model"],
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
+REQUESTS = Counter(
+    "xgen_proxy_requests_total", "/v1 requests by model and status", ["model", "status"], registry=REGISTRY
+)
+LATENCY = Histogram(
+    "xgen_proxy_request_seconds",
+    "/v1 request duration (to the last byte)",
+    ["model", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+INFLIGHT = Gauge("xgen_proxy_inflight_requests", "/v1 requests in flight", ["model"], registry=REGISTRY)
+TOKENS = Counter("xgen_tokens_total", "Tokens reported by backends (usage)", ["model", "kind"], registry=REGISTRY)
+GPU_MEMORY = Gauge("xgen_gpu_memory_bytes", "GPU memory", ["gpu", "kind"], registry=REGISTRY)
+GPU_UTIL = Gauge("xgen_gpu_utilization_percent", "GPU utilisation", ["gpu"], registry=REGISTRY)
+
+
+def observe_event(kind: str, data: dict[str, object]) -> None:
+    """Update counters from a store event (called for every published event)."""
+    if kind != "state":
+        return
+    model, to = str(data["model"]), str(data["to"])
+    TRANSITIONS.labels(model, to).inc()
+    info = data.get("info")
+    if to == ModelState.LOADED.value and isinstance(info, dict) and data.get("from") == ModelState.LOADING.value:
+        started = info.get("started_at")
+        since = info.get("since")
+        if isinstance(started, float) and isinstance(since, float):
+            LOAD_SECONDS.labels(model).observe(max(0.0, since - started))
+
+
+def refresh(store: StateStore) -> None:
+    """Gauges that mirror the store, set just before a scrape."""
+    MODEL_STATE.clear()
+    for name, info in store.models.items():
+        for state in ModelState:
+            if state is not ModelState.GONE:
+                MODEL_STATE.labels(name, state.value).set(1 if info.state is state else 0)
+    for gpu in store.gpu.get("gpus", []):
+        index = str(gpu["index"])
+        GPU_MEMORY.labels(index, "total").set(gpu["memory_total"])
+        if gpu.get("memory_used") is not None:
+            GPU_MEMORY.labels(index, "used").set(gpu["memory_used"])
+        if gpu.get("utilization") is not None:
+            GPU_UTIL.labels(index).set(gpu["utilization"])
+
+
+def count_tokens(model: str, body: bytes) -> None:
+    """Usage from a non-streamed response (one JSON parse, off the streaming path)."""
+    try:
+        usage = json.loads(body).get("usage") or {}
+    except (ValueError, AttributeError):
+        return
+    _add_usage(model, usage)
+
+
+def count_stream_tokens(model: str, last_chunk: bytes) -> None:
+    """Usage from a copy of a stream's last chunk, if the backend put it there."""
+    for line in reversed(last_chunk.split(b"\n")):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            with contextlib.suppress(ValueError):
+                _add_usage(model, json.loads(line[6:]).get("usage") or {})
+            return
+
+
+def _add_usage(model: str, usage: dict[str, object]) -> None:
+    for kind in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(kind)
+        if isinstance(value, int) and value > 0:
+            TOKENS.labels(model, kind.removesuffix("_tokens")).inc(value)
