@@ -282,7 +282,10 @@ def render_text(p: Plan) -> str:
     if lines and lines[-1]:
         lines.append("")
     counts = p.to_json()["summary"]
-    if p.empty:
+    if p.errors:
+        count = len(p.errors)
+        lines.append(f"Plan refused ({count} error{'s' if count != 1 else ''}): nothing will be changed.")
+    elif p.empty:
         lines.append("No changes. The running state matches the spec.")
     else:
         parts = [f"{counts[k]} to {k}" for k in ("load", "reload", "unload") if counts[k]]

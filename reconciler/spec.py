@@ -531,11 +531,11 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Spec:
     file = Path(path)
     text = file.read_text(encoding="utf-8")
     spec = parse(text, str(path), env)
-    return resolve_paths(spec, text, str(path), file.resolve().parent)
+    return _resolve_paths(spec, text, str(path), file.resolve().parent, os.environ if env is None else env)
 
 
-def resolve_paths(spec: Spec, text: str, file: str, base: Path) -> Spec:
-    reader = _Reader(file, {})
+def _resolve_paths(spec: Spec, text: str, file: str, base: Path, env: Mapping[str, str]) -> Spec:
+    reader = _Reader(file, env)  # read again only for the positions of the path fields
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is not None:
         reader.read(root, ())
@@ -571,8 +571,12 @@ def _resolve(path: Path, base: Path, model: ModelSpec) -> tuple[Path, str | None
         ggufs = sorted(p for p in full.iterdir() if p.suffix.lower() == ".gguf")
         if ggufs and model.backend in ("auto", "llama-server"):
             return ggufs[0], None
+        if model.backend == "llama-server":
+            return full, f"no .gguf file in {full}; llama-server serves GGUF files"
         if not (full / "config.json").exists():
             return full, f"{full} holds neither a .gguf file nor a Hugging Face model (config.json)"
+    elif model.backend == "llama-server" and full.suffix.lower() != ".gguf":
+        return full, f"{full} is not a .gguf file; llama-server serves GGUF files"
     return full, None
 
 
@@ -582,9 +586,7 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://xgen.dev/schemas/models.schema.json"
     schema["title"] = "xgen models.yaml"
-    # `defaults` takes any ModelSpec key; say so, so editors complete them there too.
-    schema["properties"]["defaults"] = {
-        "$ref": "#/$defs/ModelSpec",
-        "description": schema["properties"]["defaults"]["description"],
-    }
+    # `defaults` takes any model key: say so, so editors complete them there too.
+    description = schema["properties"]["defaults"]["description"]
+    schema["properties"]["defaults"] = {"$ref": "#/$defs/ModelSpec", "description": description}
     return schema

@@ -1,0 +1,92 @@
+"""The CLI as a user runs it: exit codes, messages, the published schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+
+from reconciler.spec import json_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def xgen(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "reconciler.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+
+
+def test_help_lists_the_commands() -> None:
+    out = xgen("--help").stdout
+    for command in ("validate", "plan", "apply", "serve", "status", "schema", "doctor", "install"):
+        assert command in out
+
+
+def test_schema_file_is_current() -> None:
+    published = json.loads((ROOT / "schemas" / "models.schema.json").read_text())
+    assert published == json_schema(), "schemas/models.schema.json is stale: run `xgen schema`"
+
+
+def test_models_yaml_matches_the_schema_too() -> None:
+    import yaml
+
+    data = yaml.safe_load((ROOT / "examples" / "cpu-laptop.yaml").read_text())
+    jsonschema.validate(data, json_schema())
+
+
+def test_validate_default_file(default_model: Path) -> None:
+    result = xgen("validate", "models.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("models.yaml: valid (1 models, 1 loaded, generation ")
+
+
+def test_validate_reports_three_mistakes_with_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  a:\n    path: a.gguf\n    bakend: vllm\n    n_ctx: -5\nactive: b\n")
+    result = xgen("validate", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"3 problems in {bad}",
+        f"{bad}:4:5: models.a.bakend: unknown key 'bakend' (did you mean 'backend'?)",
+        f"{bad}:5:5: models.a.n_ctx: input should be greater than or equal to 16 (found -5)",
+        f"{bad}:6:1: active: found 'b', expected the name or alias of a model (models: a)",
+    ]
+
+
+def test_validate_without_host_checks(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text("models:\n  a:\n    path: /nowhere/a.gguf\n")
+    assert xgen("validate", str(f)).returncode == 1
+    assert xgen("validate", "--no-host-checks", str(f)).returncode == 0
+
+
+def test_plan_detailed_exitcode_and_json(default_model: Path, tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(f"server: {{port: 1}}\nmodels:\n  a:\n    path: {default_model}\n")  # port 1: no daemon there
+    text = xgen("plan", str(f), "--detailed-exitcode")
+    assert text.returncode == 2, text.stderr
+    assert "+ load a (llama-server)" in text.stdout
+    assert "Plan: 1 to load, active → a." in text.stdout
+    assert xgen("plan", str(f)).returncode == 0
+    as_json = xgen("plan", str(f), "--json")
+    schema = json.loads((ROOT / "schemas" / "plan.schema.json").read_text())
+    jsonschema.validate(json.loads(as_json.stdout), schema)
+
+
+def test_plan_of_invalid_file_exits_1(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text("models: [\n")
+    result = xgen("plan", str(f))
+    assert result.returncode == 1
+    assert "invalid YAML" in result.stderr
+
+
+def test_status_without_daemon(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text("server: {port: 1}\n")
+    result = xgen("status", str(f))
+    assert result.returncode == 1
+    assert "no xgen daemon answers at http://127.0.0.1:1" in result.stderr

@@ -1,0 +1,201 @@
+"""models.yaml rules and their error messages (file, line, column, field, found/expected)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.spec import SpecError, load, parse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse(text, "m.yaml", env or {})
+    return [str(p) for p in info.value.problems]
+
+
+def test_minimal_file_gets_defaults() -> None:
+    spec = parse("models:\n  a:\n    path: a.gguf\n", "m.yaml", {})
+    assert spec.server.host == "127.0.0.1"
+    assert spec.server.port_range == (8001, 8020)
+    model = spec.models["a"]
+    assert (model.backend, model.server_type, model.desired, model.gpus) == ("auto", "llm", "loaded", ())
+
+
+def test_three_mistakes_are_all_reported_with_lines() -> None:
+    text = """\
+models:
+  qwen:
+    path: q.gguf
+    backend: vlm
+    n_ctx: lots
+  other:
+    path: o.gguf
+    gpu_layers: 3
+"""
+    assert problems(text) == [
+        "m.yaml:4:5: models.qwen.backend: found 'vlm', expected one of: 'auto', 'llama-server', 'vllm', 'transformers'",
+        "m.yaml:5:5: models.qwen.n_ctx: found 'lots', expected an integer",
+        "m.yaml:8:5: models.other.gpu_layers: unknown key 'gpu_layers' (did you mean 'n_gpu_layers'?)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("modles: {}\n", "m.yaml:1:1: modles: unknown key 'modles' (did you mean 'models'?)"),
+        ("server:\n  prot: 1\n", "m.yaml:2:3: server.prot: unknown key 'prot' (did you mean 'port'?)"),
+        ("models:\n  a:\n    path: a.gguf\n    llama: {thread: 4}\n",
+         "m.yaml:4:13: models.a.llama.thread: unknown key 'thread' (did you mean 'threads'?)"),
+        ("models:\n  a:\n    path: a.gguf\n    gpu_index: [a]\n",
+         "m.yaml:4:5: models.a.gpu_index: found ['a'], expected a GPU index (0), a list of indices for tensor "
+         "parallel ([0, 1]) or null for CPU"),
+        ("models:\n  a:\n    path: a.gguf\n    n_gpu_layers: -2\n",
+         "m.yaml:4:5: models.a.n_gpu_layers: input should be greater than or equal to -1 (found -2)"),
+        ("models:\n  a:\n    path: a.gguf\n    desired: maybe\n",
+         "m.yaml:4:5: models.a.desired: found 'maybe', expected one of: 'loaded', 'unloaded'"),
+        ("server:\n  port_range: [9000, 8000]\n",
+         "m.yaml:2:3: server.port_range: found [9000, 8000], expected [low, high] with 1 <= low <= high <= 65535"),
+        ("version: 2\n", "m.yaml:1:1: version: found 2, expected one of: 1"),
+        ("models:\n  a: {}\n",
+         "m.yaml:2:3: models.a.path: set exactly one of 'path' (a local file or directory) or 'hf_id'"),
+        ("models:\n  a:\n    path: a.gguf\n    hf_id: org/a\n",
+         "m.yaml:3:5: models.a.path: set exactly one of 'path' (a local file or directory) or 'hf_id'"),
+    ],
+)
+def test_field_errors(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_yaml_syntax_error_is_located() -> None:
+    [problem] = problems("models:\n  a: [1, 2\n  b: 3\n")
+    assert problem.startswith("m.yaml:3:")
+    assert "invalid YAML" in problem
+
+
+def test_duplicate_model_name() -> None:
+    text = "models:\n  a:\n    path: a.gguf\n  a:\n    path: b.gguf\n"
+    assert problems(text) == ["m.yaml:4:3: models.a: duplicate key 'a' (first defined at line 2)"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("models:\n  a:\n    path: a.gguf\n    aliases: [chat]\n  b:\n    path: b.gguf\n    aliases: [chat]\n",
+         "m.yaml:7:15: models.b.aliases.0: alias 'chat' is already used by model 'a'"),
+        ("models:\n  a:\n    path: a.gguf\n  b:\n    path: b.gguf\n    aliases: [a]\n",
+         "m.yaml:6:15: models.b.aliases.0: alias 'a' shadows the model of that name; rename one of them"),
+        ("models:\n  a:\n    path: a.gguf\n    port: 9001\n  b:\n    path: b.gguf\n    port: 9001\n",
+         "m.yaml:7:5: models.b.port: port 9001 is also pinned by model 'a'"),
+        ("models:\n  a:\n    path: a.gguf\nactive: b\n",
+         "m.yaml:4:1: active: found 'b', expected the name or alias of a model (models: a)"),
+        ("models:\n  a:\n    path: a.gguf\n    desired: unloaded\nactive: a\n",
+         "m.yaml:5:1: active: model 'a' has desired: unloaded; the active model must be loaded"),
+        ("models:\n  e:\n    path: e.gguf\n    server_type: embedding\nactive: e\n",
+         "m.yaml:5:1: active: model 'e' is an embedding model; the active model must be an llm"),
+        ("models:\n  a:\n    hf_id: org/a\n    backend: llama-server\n",
+         "m.yaml:4:5: models.a.backend: llama-server needs a GGUF file in 'path', not an hf_id"),
+        ("models:\n  a:\n    path: a.gguf\n    backend: vllm\n",
+         "m.yaml:4:5: models.a.backend: vllm serves Hugging Face model directories, not GGUF files; "
+         "use backend: llama-server"),
+        ("models:\n  a:\n    path: a.gguf\n    extra_args: [--flash-attn, '--port=1']\n",
+         "m.yaml:4:32: models.a.extra_args.1: '--port' is managed by xgen: set port instead"),
+        ("models:\n  a:\n    hf_id: org/a\n    gpu_index: [0, 1]\n    vllm: {tensor_parallel_size: 4}\n",
+         "m.yaml:5:12: models.a.vllm.tensor_parallel_size: found 4, but gpu_index names 2 GPU(s); they must agree"),
+    ],
+)
+def test_cross_field_rules(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_env_expansion_with_defaults() -> None:
+    text = "server:\n  api_key: ${KEY}\n  port: ${PORT:-9000}\nmodels:\n  a:\n    path: ${DIR:-/m}/a.gguf\n"
+    spec = parse(text, "m.yaml", {"KEY": "s3cret"})
+    assert spec.server.api_key == "s3cret"
+    assert spec.server.port == 9000
+    assert spec.models["a"].path == "/m/a.gguf"
+
+
+def test_unset_env_without_default_is_an_error() -> None:
+    assert problems("server:\n  api_key: ${NOPE}\n") == [
+        "m.yaml:2:12: server.api_key: environment variable NOPE is not set (set it, or give a default: ${NOPE:-value})"
+    ]
+
+
+def test_empty_api_key_means_none() -> None:
+    assert parse("server:\n  api_key: ${KEY:-}\n", "m.yaml", {}).server.api_key is None
+
+
+def test_defaults_apply_to_every_model_and_models_override() -> None:
+    text = "defaults:\n  n_ctx: 1024\n  llama: {threads: 2}\nmodels:\n  a:\n    path: a.gguf\n" \
+           "  b:\n    path: b.gguf\n    n_ctx: 4096\n    llama: {parallel: 4}\n"
+    spec = parse(text, "m.yaml", {})
+    assert spec.models["a"].n_ctx == 1024
+    assert spec.models["b"].n_ctx == 4096
+    assert (spec.models["b"].llama.threads, spec.models["b"].llama.parallel) == (2, 4)
+
+
+def test_error_in_defaults_points_at_defaults() -> None:
+    assert problems("defaults:\n  n_ctx: big\nmodels:\n  a:\n    path: a.gguf\n") == [
+        "m.yaml:2:3: models.a.n_ctx: found 'big', expected an integer"
+    ]
+
+
+def test_generation_ignores_comments_and_key_order() -> None:
+    a = parse("models:\n  a:\n    path: a.gguf\n    n_ctx: 64\n", "m.yaml", {})
+    b = parse("# hi\nmodels:\n  a:\n    n_ctx: 64  # ctx\n    path: a.gguf\n", "m.yaml", {})
+    c = parse("models:\n  a:\n    path: a.gguf\n    n_ctx: 128\n", "m.yaml", {})
+    assert a.generation == b.generation != c.generation
+
+
+def test_load_resolves_relative_paths_and_directories(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "b.gguf").write_bytes(b"GGUF")
+    (tmp_path / "models" / "a.gguf").write_bytes(b"GGUF")
+    (tmp_path / "m.yaml").write_text("models:\n  x:\n    path: models\n")
+    spec = load(tmp_path / "m.yaml", {})
+    assert spec.models["x"].path == str(tmp_path / "models" / "a.gguf")
+
+
+def test_load_reports_missing_path_with_line(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text("models:\n  x:\n    path: nowhere.gguf\n")
+    with pytest.raises(SpecError) as info:
+        load(tmp_path / "m.yaml", {})
+    [problem] = info.value.problems
+    assert (problem.line, problem.column, problem.field) == (3, 5, "models.x.path")
+    assert f"not found: {tmp_path / 'nowhere.gguf'}" in problem.message
+
+
+def test_hf_directory_with_llama_server_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "m.yaml").write_text("models:\n  x:\n    path: hf\n    backend: llama-server\n")
+    with pytest.raises(SpecError, match=r"no \.gguf file in"):
+        load(tmp_path / "m.yaml", {})
+
+
+def test_repo_default_models_yaml_parses() -> None:
+    spec = parse((ROOT / "models.yaml").read_text(), "models.yaml", {})
+    assert spec.active == "smollm2"
+    assert spec.models["smollm2"].backend == "llama-server"
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate(example: Path, tmp_path: Path) -> None:
+    """Every example is valid, on a host where its model files exist."""
+    env = {"XGEN_MODELS": str(tmp_path), "XGEN_API_KEY": "k"}
+    spec = parse(example.read_text(), str(example), env)
+    for model in spec.models.values():
+        for adapter in model.lora:
+            Path(adapter.path).mkdir(parents=True, exist_ok=True)
+        if model.path:
+            Path(model.path).parent.mkdir(parents=True, exist_ok=True)
+            if model.path.endswith(".gguf"):
+                Path(model.path).write_bytes(b"GGUF")
+            else:
+                Path(model.path).mkdir(parents=True, exist_ok=True)
+                (Path(model.path) / "config.json").write_text("{}")
+    load(example, env)
