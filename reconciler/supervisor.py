@@ -59,9 +59,12 @@ class Child:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the daemon dies, however it dies (Linux)."""
+    """In the child before exec: die with the daemon, however it dies (Linux PR_SET_PDEATHSIG).
+
+    SIGKILL, not SIGTERM: a daemon that died cannot drain anything, and llama-server treats a
+    second SIGTERM as `exit()` from a signal handler, which was seen to hang with its threads."""
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 class Supervisor:
@@ -324,6 +327,14 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _gone(proc: psutil.Process) -> bool:
+    """Exited, counting a zombie that nobody has reaped yet."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 async def cleanup_orphans(state_dir: Path, grace_s: float = 10.0) -> list[int]:
     """Stop children that a crashed daemon left behind, known by their pid files.
 
@@ -340,7 +351,7 @@ async def cleanup_orphans(state_dir: Path, grace_s: float = 10.0) -> list[int]:
             same = False
         if same:
             log.warning("stopping %s (pid %d) left behind by an earlier xgen", pidfile.stem, record["pid"])
-            await terminate_group(record["pid"], lambda p=proc: not p.is_running(), grace_s)  # type: ignore[misc]
+            await terminate_group(record["pid"], lambda p=proc: _gone(p), grace_s)  # type: ignore[misc]
             stopped.append(record["pid"])
         pidfile.unlink(missing_ok=True)
     return stopped

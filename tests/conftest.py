@@ -3,13 +3,23 @@ tiny GGUF models made on the spot, and a real `xgen serve` daemon."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from tinygguf import write_tiny_llama  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from reconciler.drivers.llama_server import find_binary
 from reconciler.install import default_model_path
+from reconciler.spec import load
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +41,128 @@ def llama_server() -> Path:
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+# ---------------------------------------------------------------- a real daemon
+
+
+
+
+_next_range = [21000 + (os.getpid() % 200) * 50]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Daemon:
+    """`xgen serve` in a temporary directory, driven by writing its models.yaml."""
+
+    def __init__(self, directory: Path, model: Path, tiny: Path) -> None:
+        self.dir = directory
+        self.file = directory / "models.yaml"
+        self.port = free_port()
+        self.low = _next_range[0]
+        _next_range[0] += 20
+        self.vars = {"MODEL": str(model), "TINY": str(tiny), "PORT": self.port, "LOW": self.low,
+                     "HIGH": self.low + 19}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write(self, body: str, *, header: bool = True) -> str:
+        """Write models.yaml ({MODEL}, {TINY} filled in) atomically; return its generation."""
+        text = body.format(**self.vars)
+        if header:
+            text = "server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], stop_grace_s: 5}}\n".format(
+                **self.vars) + text
+        tmp = self.file.with_name(".models.yaml.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.file)
+        try:
+            return load(self.file).generation
+        except Exception:
+            return ""
+
+    def start(self) -> None:
+        log = (self.dir / "daemon.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", str(self.file)],
+                                     cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+        self.until(lambda s: True, what="the daemon to answer")
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.http.get("/api/management/status").json()
+        return result
+
+    def model(self, name: str) -> dict[str, Any] | None:
+        return next((m for m in self.status()["loaded_models"] if m["name"] == name), None)
+
+    def until(self, check: Any, timeout: float = 60, what: str = "a condition") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"xgen serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                last = self.status()
+                if check(last):
+                    return last
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last status: {last}\n{self.log()[-3000:]}")
+
+    def converged(self, generation: str, timeout: float = 60) -> dict[str, Any]:
+        return self.until(lambda s: s["observed_generation"] == generation and s["status"] == "converged",
+                          timeout, f"generation {generation}")
+
+    def log(self) -> str:
+        path = self.dir / "daemon.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+ONE_MODEL = """\
+models:
+  smollm2:
+    path: {MODEL}
+    n_ctx: 1024
+    aliases: [default]
+active: smollm2
+"""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, default_model: Path, tiny_gguf: Path, llama_server: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, default_model, tiny_gguf)
+    d.write(ONE_MODEL)
+    yield d
+    d.stop()
+    d.http.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

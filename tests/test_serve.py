@@ -1,0 +1,225 @@
+"""`xgen serve` with a real llama-server and the real default model: the behaviours an operator
+relies on when saving models.yaml."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ONE_MODEL, Daemon, pid_alive
+
+pytestmark = pytest.mark.integration
+
+TWO_MODELS = """\
+models:
+  smollm2:
+    path: {{MODEL}}
+    n_ctx: 1024
+    aliases: [{aliases}]
+  tiny:
+    path: {{TINY}}
+    n_ctx: 256
+active: {active}
+"""
+
+
+def chat(d: Daemon, model: str | None = None) -> dict[str, object]:
+    body: dict[str, object] = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}
+    if model:
+        body["model"] = model
+    r = d.http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    result: dict[str, object] = r.json()
+    return result
+
+
+def loads(d: Daemon, name: str) -> int:
+    """How many times `name` entered LOADING (from the metrics)."""
+    for line in d.http.get("/metrics").text.splitlines():
+        if line.startswith(f'xgen_model_transitions_total{{model="{name}",to="LOADING"}}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_load_then_chat_completion_answers(daemon: Daemon) -> None:
+    daemon.start()
+    status = daemon.converged(daemon.write(ONE_MODEL))
+    [model] = status["loaded_models"]
+    assert (model["state"], model["backend"], model["config"]["device"]) == ("LOADED", "llama-server", "cpu")
+    assert model["endpoint"] == f"http://127.0.0.1:{daemon.low}/v1"
+    answer = chat(daemon)
+    assert answer["model"] == "smollm2"
+    assert answer["choices"][0]["message"]["content"]  # type: ignore[index]
+
+
+def test_n_ctx_change_reloads_once(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.converged(daemon.write(ONE_MODEL))
+    old_pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    status = daemon.converged(daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 2048")))
+    model = daemon.model("smollm2")
+    assert model is not None and model["config"]["n_ctx"] == 2048
+    assert model["pid"] != old_pid and not pid_alive(old_pid)
+    assert loads(daemon, "smollm2") == 2
+    assert status["last_plan"]["actions"] == []  # converged: the confirming pass found nothing to do
+    chat(daemon)
+
+
+def test_active_and_alias_changes_restart_nothing(daemon: Daemon) -> None:
+    daemon.write(TWO_MODELS.format(aliases="default", active="smollm2"))
+    daemon.start()
+    daemon.converged(daemon.write(TWO_MODELS.format(aliases="default", active="smollm2")))
+    pids = {m["name"]: m["pid"] for m in daemon.status()["loaded_models"]}
+    assert chat(daemon)["model"] == "smollm2"
+    status = daemon.converged(daemon.write(TWO_MODELS.format(aliases="default, chat", active="tiny")))
+    assert {m["name"]: m["pid"] for m in status["loaded_models"]} == pids
+    assert status["active_model"] == "tiny"
+    assert chat(daemon)["model"] == "tiny"  # names no model: the active one
+    assert chat(daemon, "chat")["model"] == "smollm2"  # the new alias routes at once
+    assert loads(daemon, "smollm2") == loads(daemon, "tiny") == 1
+
+
+def test_desired_unloaded_stops_the_process(daemon: Daemon) -> None:
+    daemon.write(TWO_MODELS.format(aliases="default", active="smollm2"))
+    daemon.start()
+    daemon.converged(daemon.write(TWO_MODELS.format(aliases="default", active="smollm2")))
+    tiny_pid = daemon.model("tiny")["pid"]  # type: ignore[index]
+    spec = TWO_MODELS.format(aliases="default", active="smollm2").replace("n_ctx: 256", "n_ctx: 256\n    desired: unloaded")
+    daemon.converged(daemon.write(spec))
+    assert daemon.model("tiny") is None
+    assert not pid_alive(tiny_pid)
+    r = daemon.http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == "model 'tiny' is not loaded (desired: unloaded)"
+
+
+def test_invalid_file_keeps_the_old_state_serving(daemon: Daemon) -> None:
+    daemon.start()
+    generation = daemon.write(ONE_MODEL)
+    daemon.converged(generation)
+    pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: [oops"))
+    status = daemon.until(lambda s: s["spec_error"], what="the spec error to show")
+    assert status["status"] == "spec_error"
+    assert status["spec_error"][0].startswith(f"{daemon.file}:")
+    assert "invalid YAML" in status["spec_error"][0]
+    assert status["observed_generation"] == generation
+    assert daemon.model("smollm2")["pid"] == pid  # type: ignore[index]
+    chat(daemon)
+    daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 1025"))  # valid again: converges
+    status = daemon.until(lambda s: not s["spec_error"] and s["status"] == "converged" and
+                          s["loaded_models"][0]["config"]["n_ctx"] == 1025, what="recovery")
+    assert status["spec_error"] is None
+
+
+def test_killed_backend_goes_to_error_then_back_to_loaded(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.converged(daemon.write(ONE_MODEL))
+    pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    os.kill(pid, signal.SIGKILL)
+    status = daemon.until(lambda s: s["loaded_models"][0]["state"] == "ERROR", 20, "ERROR")
+    assert status["loaded_models"][0]["error_message"].startswith("process exited with code -9")
+    status = daemon.until(lambda s: s["loaded_models"] and s["loaded_models"][0]["state"] == "LOADED"
+                          and s["loaded_models"][0]["pid"] != pid, 30, "the restart")
+    assert status["loaded_models"][0]["restarts"] == 1
+    chat(daemon)
+
+
+def test_failing_backend_reports_log_tail_and_backs_off(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.write(ONE_MODEL.replace("aliases: [default]", "aliases: [default]\n    extra_args: [--no-such-flag]"))
+    status = daemon.until(lambda s: s["loaded_models"] and s["loaded_models"][0]["state"] == "ERROR", 20, "ERROR")
+    model = status["loaded_models"][0]
+    assert model["error_message"].startswith("exited with code")
+    assert any("no-such-flag" in line for line in model["log_tail"])
+    assert model["retry_at"] > time.time() - 1
+    r = daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"]["code"] == "model_unavailable"
+
+
+def test_sigterm_stops_every_child_and_exits_0(daemon: Daemon) -> None:
+    daemon.write(TWO_MODELS.format(aliases="default", active="smollm2"))
+    daemon.start()
+    status = daemon.converged(daemon.write(TWO_MODELS.format(aliases="default", active="smollm2")))
+    pids = [m["pid"] for m in status["loaded_models"]]
+    assert daemon.stop() == 0
+    assert not any(pid_alive(p) for p in pids)
+    assert "no backend left running" in daemon.log()
+
+
+def test_children_die_with_a_killed_daemon_and_leftovers_are_cleaned(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.converged(daemon.write(ONE_MODEL))
+    pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    assert daemon.proc is not None
+    daemon.proc.kill()  # SIGKILL: no chance to clean up
+    daemon.proc.wait()
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid), "the parent-death signal should have stopped the backend"
+    daemon.start()  # a new daemon finds the stale pid file, checks it, and carries on
+    daemon.converged(daemon.write(ONE_MODEL))
+    assert daemon.model("smollm2")["pid"] != pid  # type: ignore[index]
+
+
+def test_cleanup_stops_only_verified_leftovers(tmp_path: Path) -> None:
+    import asyncio
+    import json
+
+    import psutil
+
+    from reconciler.supervisor import cleanup_orphans
+
+    (tmp_path / "pids").mkdir()
+    ours = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "301"], start_new_session=True)
+    try:
+        cases = (("ours", ours, ["sleep", "300"]), ("reused", stranger, ["llama-server", "-m", "x"]))
+        for name, proc, argv in cases:
+            record = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "argv": argv}
+            (tmp_path / "pids" / f"{name}.json").write_text(json.dumps(record))
+        stopped = asyncio.run(cleanup_orphans(tmp_path, grace_s=5))
+        assert stopped == [ours.pid]
+        assert ours.wait(timeout=5) == -signal.SIGTERM
+        assert stranger.poll() is None  # a pid whose command line does not match is left alone
+        assert not list((tmp_path / "pids").iterdir())
+    finally:
+        stranger.kill()
+        ours.kill()
+
+
+def test_port_held_by_another_process_is_skipped(daemon: Daemon) -> None:
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", daemon.low))
+        squatter.listen()
+        daemon.start()
+        status = daemon.converged(daemon.write(ONE_MODEL))
+        assert status["loaded_models"][0]["port"] == daemon.low + 1
+
+
+def test_apply_wait_follows_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    daemon.converged(daemon.write(ONE_MODEL))
+    staged = tmp_path / "next.yaml"
+    staged.write_text(daemon.file.read_text().replace("n_ctx: 1024", "n_ctx: 512"))
+    result = subprocess.run([sys.executable, "-m", "reconciler.cli", "apply", str(staged), "--target",
+                             str(daemon.file), "--auto-approve", "--wait", "--timeout", "60"],
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "~ reload smollm2 (llama-server): spec changed" in result.stdout
+    assert "~ n_ctx: 1024 → 512" in result.stdout
+    assert "converged: generation" in result.stdout
+    assert daemon.model("smollm2")["config"]["n_ctx"] == 512  # type: ignore[index]
+    plan = subprocess.run([sys.executable, "-m", "reconciler.cli", "plan", str(daemon.file),
+                           "--detailed-exitcode"], capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stdout
+    assert "compared with the xgen daemon at" in plan.stdout
