@@ -89,7 +89,8 @@ def test_desired_unloaded_stops_the_process(daemon: Daemon) -> None:
     daemon.start()
     daemon.converged(daemon.write(TWO_MODELS.format(aliases="default", active="smollm2")))
     tiny_pid = daemon.model("tiny")["pid"]  # type: ignore[index]
-    spec = TWO_MODELS.format(aliases="default", active="smollm2").replace("n_ctx: 256", "n_ctx: 256\n    desired: unloaded")
+    spec = TWO_MODELS.format(aliases="default", active="smollm2")
+    spec = spec.replace("n_ctx: 256", "n_ctx: 256\n    desired: unloaded")
     daemon.converged(daemon.write(spec))
     assert daemon.model("tiny") is None
     assert not pid_alive(tiny_pid)
