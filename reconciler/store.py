@@ -111,6 +111,10 @@ class StateStore:
 
     # ------------------------------------------------ reads
 
+    @property
+    def last_event_id(self) -> int:
+        return self._events[-1].id if self._events else 0
+
     def events_after(self, last_id: int) -> list[Event]:
         return [e for e in self._events if e.id > last_id]
 

@@ -68,6 +68,7 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         "last_plan": store.last_plan,
         "last_pass": store.last_pass,
         "uptime_s": round(time.time() - store.started_at, 1),
+        "last_event_id": store.last_event_id,
     }
 
 

@@ -1,0 +1,150 @@
+"""The /v1 proxy with the official openai SDK against real llama-server backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import Daemon
+
+pytestmark = pytest.mark.integration
+
+SPEC = """\
+models:
+  smollm2:
+    path: {MODEL}
+    n_ctx: 2048
+    aliases: [default, gpt-4o-mini]
+    llama: {{parallel: 1}}
+  embedder:
+    path: {MODEL}
+    server_type: embedding
+    n_ctx: 512
+    aliases: [text-embedding-3-small]
+active: smollm2
+"""
+
+
+@pytest.fixture(scope="module")
+def proxy_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path,
+                 llama_server: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("proxy"), default_model, tiny_gguf)
+    d.write(SPEC)
+    d.start()
+    d.converged(d.write(SPEC))
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def client(proxy_daemon: Daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy_daemon.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi"}],
+                                           max_tokens=8)
+    assert reply.model == "smollm2"
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_streamed_chat(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Count"}],
+                                            max_tokens=12, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 3 and text
+
+
+def test_unknown_model_goes_to_the_active_one(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="whatever", prompt="Once upon a time", max_tokens=6)
+    assert reply.model == "smollm2"
+    assert reply.choices[0].text
+
+
+def test_embeddings_by_name_and_by_default(client: openai.OpenAI) -> None:
+    named = client.embeddings.create(model="text-embedding-3-small", input=["hello", "world"])
+    assert [len(d.embedding) for d in named.data] == [576, 576]
+    default = client.embeddings.create(model="not-a-model", input="hello")
+    assert default.data[0].embedding == pytest.approx(named.data[0].embedding, abs=1e-4)
+
+
+def test_models_list_has_every_loaded_model_and_alias(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"smollm2", "default", "gpt-4o-mini", "embedder", "text-embedding-3-small"}
+
+
+def test_client_disconnect_frees_the_backend_slot(proxy_daemon: Daemon) -> None:
+    """With one slot, a long generation abandoned mid-stream must not keep the slot busy."""
+    port = proxy_daemon.model("smollm2")["port"]  # type: ignore[index]
+    body = {"model": "smollm2", "stream": True, "max_tokens": 4000, "messages": [{"role": "user", "content": "Go"}],
+            "ignore_eos": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", f"{proxy_daemon.url}/v1/chat/completions",
+                                                       json=body) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert _slots_busy(port)
+    deadline = time.monotonic() + 10
+    while _slots_busy(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _slots_busy(port), "the backend kept generating for a client that left"
+
+
+def _slots_busy(port: int) -> bool:
+    slots = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
+    return any(s.get("is_processing") for s in slots)
+
+
+def test_error_shapes(proxy_daemon: Daemon) -> None:
+    http = proxy_daemon.http
+    r = http.get("/v1/nope")
+    assert r.status_code == 404
+    assert r.json() == {"error": {"message": "no route GET /v1/nope", "type": "invalid_request_error",
+                                  "param": None, "code": "not_found"}}
+    r = http.post("/v1/chat/completions", content=b"x" * (17 * 1024 * 1024))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = http.post("/v1/chat/completions", content=b"not json")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_request_for_a_loading_model_waits_then_succeeds(proxy_daemon: Daemon) -> None:
+    """Add a model to the file; the moment the event stream says it is LOADING, ask for it:
+    the request waits for LOADED instead of failing."""
+    spec = SPEC.replace("active: smollm2", "  late:\n    path: {TINY}\n    n_ctx: 256\nactive: smollm2")
+    since = str(proxy_daemon.status()["last_event_id"])
+    with httpx.Client(timeout=60) as http:
+        with http.stream("GET", f"{proxy_daemon.url}/api/events", headers={"Last-Event-ID": since}) as events:
+            proxy_daemon.write(spec)
+            for line in events.iter_lines():
+                if line.startswith("data: ") and '"model": "late"' in line and '"to": "LOADING"' in line:
+                    break
+        r = http.post(f"{proxy_daemon.url}/v1/chat/completions", json={
+            "model": "late", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "late"
+    proxy_daemon.converged(proxy_daemon.write(SPEC))
+
+
+def test_api_key_is_required_when_set(tmp_path: Path, default_model: Path, tiny_gguf: Path) -> None:
+    d = Daemon(tmp_path, default_model, tiny_gguf)
+    spec = "server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], api_key: s3cret}}\nmodels:\n  t:\n" \
+           "    path: {TINY}\n    n_ctx: 256\n"
+    d.write(spec, header=False)
+    d.start()
+    try:
+        d.converged(d.write(spec, header=False))
+        with pytest.raises(openai.AuthenticationError) as denied:
+            openai.OpenAI(base_url=f"{d.url}/v1", api_key="wrong", max_retries=0).models.list()
+        assert denied.value.status_code == 401
+        assert denied.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+        ok = openai.OpenAI(base_url=f"{d.url}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in ok.models.list()] == ["t"]
+        assert d.http.get("/api/management/status").status_code == 200  # status stays open on loopback
+    finally:
+        d.stop()
