@@ -148,6 +148,8 @@ def choose_backend(model: ModelSpec, gpus: tuple[GpuInfo, ...]) -> tuple[str, st
 
 def restart_changes(want: ModelSpec, have: ModelSpec) -> tuple[Change, ...]:
     """Changed fields that need the process restarted, as old → new pairs."""
+    if want == have:
+        return ()
     new, old = _flat(want.model_dump(mode="json")), _flat(have.model_dump(mode="json"))
     return tuple(
         Change(key, old.get(key), new.get(key))

@@ -9,6 +9,7 @@ expected.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -199,7 +200,7 @@ class Spec(_Strict):
         """Models whose desired state is loaded, in file order."""
         return {n: m for n, m in self.models.items() if m.desired == "loaded"}
 
-    @property
+    @functools.cached_property
     def generation(self) -> str:
         """Identity of this spec: a hash of its canonical JSON (comments and order don't count)."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
