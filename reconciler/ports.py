@@ -13,7 +13,10 @@ class PortsExhausted(Exception):
 
 
 def is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on the port. SO_REUSEADDR as servers set it: a port whose old
+    connections sit in TIME_WAIT after a stop is free for the next backend."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -103,6 +103,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path) 
         if signals == 1:
             log.info("%s: draining requests and stopping models (send again to force)", sig.name)
             server.should_exit = True
+            store.close()
             reconciler.stop()
         else:
             log.warning("%s again: killing every backend now", sig.name)

@@ -45,6 +45,7 @@ class StateStore:
     _events: deque[Event] = field(default_factory=deque)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
+    closed: bool = False
     _changed: asyncio.Condition | None = None
 
     # ------------------------------------------------ writes (daemon side only)
@@ -111,6 +112,11 @@ class StateStore:
 
     # ------------------------------------------------ reads
 
+    def close(self) -> None:
+        """Shutting down: end every event stream, so open SSE clients do not hold up the drain."""
+        self.closed = True
+        self._notify()
+
     @property
     def last_event_id(self) -> int:
         return self._events[-1].id if self._events else 0
@@ -123,17 +129,20 @@ class StateStore:
         None after `idle_s` without one, so the caller can send a keep-alive."""
         if self._changed is None:
             self._changed = asyncio.Condition()
-        while True:
+        while not self.closed:
             pending = self.events_after(last_id)
             for event in pending:
                 last_id = event.id
                 yield event
+            idle = False
             async with self._changed:
-                if not self.events_after(last_id):
+                if not self.events_after(last_id) and not self.closed:
                     try:
                         await asyncio.wait_for(self._changed.wait(), idle_s)
                     except TimeoutError:
-                        yield None
+                        idle = True
+            if idle:  # yield outside the lock: a slow client must not block publishers
+                yield None
 
     async def wait_for(self, name: str, timeout: float) -> ModelInfo | None:
         """Wait until `name` leaves LOADING (or the timeout); return its info then."""
