@@ -31,6 +31,7 @@ GPU_SAMPLE_S = 5.0
 class Reconciler:
     def __init__(self, path: Path, store: StateStore, executor: Executor, gpu: GpuMonitor) -> None:
         self.path = path.resolve()
+        self.shown = path  # as the operator named it: error messages quote this
         self.store = store
         self.executor = executor
         self.gpu = gpu
@@ -106,7 +107,7 @@ class Reconciler:
     async def reconcile(self) -> None:
         """One pass: load the file, plan, apply, record the outcome."""
         try:
-            fresh = await asyncio.to_thread(load, self.path)
+            fresh = await asyncio.to_thread(load, self.shown)
         except (SpecError, OSError) as exc:
             self._spec_failed(exc)
         else:
@@ -155,7 +156,7 @@ class Reconciler:
                 self.store.update(name, spec=want)
 
     def _spec_failed(self, exc: SpecError | OSError) -> None:
-        problems = [str(p) for p in exc.problems] if isinstance(exc, SpecError) else [f"{self.path}: {exc}"]
+        problems = [str(p) for p in exc.problems] if isinstance(exc, SpecError) else [f"{self.shown}: {exc}"]
         if self.store.spec_error != problems:
             log.error(
                 "%s is invalid; still running generation %s:\n%s",

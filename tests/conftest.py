@@ -92,7 +92,7 @@ class Daemon:
 
     def start(self) -> None:
         log = (self.dir / "daemon.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", str(self.file)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", self.file.name],
                                      cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
         self.until(lambda s: True, what="the daemon to answer")
 

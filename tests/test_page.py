@@ -1,0 +1,66 @@
+"""The status page in a real headless Chromium: it renders, and a state change made by saving
+models.yaml appears on it without a reload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ONE_MODEL, Daemon
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The distribution's Chromium; installed with apt-get on a fresh root machine (CI)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, capture_output=True, timeout=900)
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.fail("Chromium not found: install the distribution's `chromium` package")
+    return found
+
+
+@pytest.fixture
+def page(chromium: str) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 720})
+        yield page
+        browser.close()
+
+
+def test_page_renders_and_follows_a_saved_change(daemon: Daemon, page: object) -> None:
+    daemon.start()
+    daemon.converged(daemon.write(ONE_MODEL))
+    page.goto(daemon.url + "/")  # type: ignore[attr-defined]
+    row = page.locator('tr[data-model="smollm2"]')  # type: ignore[attr-defined]
+    row.locator("[data-state]").filter(has_text="LOADED").wait_for(timeout=15000)
+    page.locator("#overall").filter(has_text="converged").wait_for(timeout=15000)  # type: ignore[attr-defined]
+    page.locator("#live").and_(page.locator(".on")).wait_for(timeout=15000)  # type: ignore[attr-defined]
+    assert "default" in row.inner_text()
+    page.evaluate("window.__same_page = true")  # type: ignore[attr-defined]
+
+    two = ONE_MODEL.replace("active: smollm2", "  tiny:\n    path: {TINY}\n    n_ctx: 256\nactive: smollm2")
+    daemon.converged(daemon.write(two))
+    tiny = page.locator('tr[data-model="tiny"] [data-state]')  # type: ignore[attr-defined]
+    tiny.filter(has_text="LOADED").wait_for(timeout=15000)
+    assert page.evaluate("window.__same_page") is True  # type: ignore[attr-defined]
+
+    daemon.write(two.replace("n_ctx: 256", "n_ctx: [broken"))
+    page.locator("#spec-error-text").filter(has_text="invalid YAML").wait_for(timeout=15000)  # type: ignore[attr-defined]
+    assert page.evaluate("window.__same_page") is True  # type: ignore[attr-defined]
+    shot = ROOT / "docs" / "status-page.png" if os.environ.get("XGEN_UPDATE_SCREENSHOT") else daemon.dir / "page.png"
+    page.screenshot(path=str(shot), full_page=True)  # type: ignore[attr-defined]
