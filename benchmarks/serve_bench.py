@@ -30,10 +30,10 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tinygguf import write_tiny_llama  # noqa: E402
+from tinygguf import write_tiny_llama
 
-from reconciler.drivers.llama_server import find_binary  # noqa: E402
-from reconciler.install import default_model_path  # noqa: E402
+from reconciler.drivers.llama_server import find_binary
+from reconciler.install import default_model_path
 
 SAVES = 20
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
+from starlette.applications import Starlette
 
 from reconciler.drivers.registry import default_drivers
 from reconciler.executor import Executor
@@ -35,6 +36,22 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # signals are ours (see serve); uvicorn must not re-raise them at exit
+
+
+def uvicorn_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
+    """No access log or proxy-headers middleware on the hot path (we log actions ourselves);
+    in-flight requests get DRAIN_S at shutdown."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="warning",
+        proxy_headers=False,
+        timeout_graceful_shutdown=int(DRAIN_S),
+        lifespan="on",
+        backlog=2048,
+    )
 
 
 def state_dir_for(file: Path, spec: Spec, override: str | None) -> Path:
@@ -84,16 +101,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path) 
     executor = Executor(store, supervisor, DRAIN_S)
     reconciler = Reconciler(file, store, executor, GpuMonitor())
     app = create_app(store, lambda: reconciler.spec if reconciler else None, executor.inflight, backends)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=int(DRAIN_S),
-        lifespan="on",
-    )
-    server = _Server(config)
+    server = _Server(uvicorn_config(app, host, port))
     loop = asyncio.get_running_loop()
     signals = 0
 
