@@ -58,9 +58,12 @@ async def stub_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             elif b'"stream": true' in body or b'"stream":true' in body:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
+                interval = json.loads(body).get("stub_interval_ms", 0) / 1000
                 for _ in range(STREAM_CHUNKS):
                     writer.write(b"%x\r\n%s\r\n" % (len(CHUNK), CHUNK))
                     await writer.drain()
+                    if interval:
+                        await asyncio.sleep(interval)  # a token every few ms, like a real model
                 done = b"data: [DONE]\n\n"
                 writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
             else:
@@ -106,8 +109,9 @@ def run_proxy(port: int, backend_port: int) -> None:
 
 
 async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, body: bytes,
-                  stream: bool) -> tuple[float, float, int]:
-    """One request on a kept-alive connection: (time to first body byte, total time, body bytes)."""
+                  stream: bool) -> tuple[float, float, int, bool]:
+    """One request on a kept-alive connection: (time to first body byte, total time, body bytes,
+    whether the server keeps the connection open)."""
     t0 = time.perf_counter()
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (port, len(body), body))
@@ -130,7 +134,7 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, po
         await reader.readexactly(length)
         size = length
         first = time.perf_counter() - t0
-    return first, time.perf_counter() - t0, size
+    return first, time.perf_counter() - t0, size, b"connection: close" not in head.lower()
 
 
 async def load(port: int, concurrency: int, total: int, stream: bool, body: dict[str, object]) -> dict[str, float]:
@@ -143,10 +147,18 @@ async def load(port: int, concurrency: int, total: int, stream: bool, body: dict
     async def worker() -> None:
         nonlocal remaining, volume
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await request(reader, writer, port, payload, stream)  # warm the connection
+        *_, alive = await request(reader, writer, port, payload, stream)  # warm the connection
         while remaining > 0:
             remaining -= 1
-            first, whole, size = await request(reader, writer, port, payload, stream)
+            if not alive:  # the server said it closes: reconnect, as a client would
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                first, whole, size, alive = await request(reader, writer, port, payload, stream)
+            except (asyncio.IncompleteReadError, ConnectionError):  # closed without saying so (llama-server)
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                first, whole, size, alive = await request(reader, writer, port, payload, stream)
             latencies.append(whole)
             firsts.append(first)
             volume += size
@@ -177,7 +189,7 @@ def wait_http(port: int, path: str = "/health", timeout: float = 120) -> None:
 
 
 def compare(label: str, direct_port: int, proxy_port: int, body: dict[str, object], levels: list[int],
-            per_level: int, streams: int, stream_total: int) -> list[str]:
+            per_level: int, stream_runs: list[tuple[int, int]], stream_total: int) -> list[str]:
     lines = [f"{label}"]
     for c in levels:
         n = max(per_level, c * 20)
@@ -186,12 +198,14 @@ def compare(label: str, direct_port: int, proxy_port: int, body: dict[str, objec
         lines.append(f"  non-streaming, concurrency {c:>2}: direct p50 {d['p50']:.2f} ms p99 {d['p99']:.2f} ms | "
                      f"proxy p50 {p['p50']:.2f} ms p99 {p['p99']:.2f} ms | added p50 {p['p50'] - d['p50']:+.2f} ms "
                      f"p99 {p['p99'] - d['p99']:+.2f} ms | {p['rps']:.0f} vs {d['rps']:.0f} req/s")
-    for c in (1, streams):
-        d = asyncio.run(load(direct_port, c, max(stream_total, c * 4), True, body))
-        p = asyncio.run(load(proxy_port, c, max(stream_total, c * 4), True, body))
-        lines.append(f"  streaming, {c:>2} streams: TTFB p50 direct {d['ttfb50']:.2f} ms, proxy {p['ttfb50']:.2f} ms "
-                     f"(added {p['ttfb50'] - d['ttfb50']:+.2f} ms) | throughput {p['mbps']:.1f} vs {d['mbps']:.1f} "
-                     f"MiB/s = {100 * p['mbps'] / d['mbps']:.0f}% of direct")
+    for c, paced in stream_runs:
+        b = {**body, "stub_interval_ms": paced} if paced else body
+        d = asyncio.run(load(direct_port, c, max(stream_total, c * 2), True, b))
+        p = asyncio.run(load(proxy_port, c, max(stream_total, c * 2), True, b))
+        how = f"paced {paced} ms/token" if paced else "as fast as the backend can"
+        lines.append(f"  streaming, {c:>2} streams ({how}): TTFB p50 direct {d['ttfb50']:.2f} ms, proxy "
+                     f"{p['ttfb50']:.2f} ms (added {p['ttfb50'] - d['ttfb50']:+.2f} ms) | throughput "
+                     f"{p['mbps']:.2f} vs {d['mbps']:.2f} MiB/s = {100 * p['mbps'] / d['mbps']:.0f}% of direct")
     return lines
 
 
@@ -216,8 +230,9 @@ def main() -> None:
         wait_http(stub)
         wait_http(proxy, "/health")
         body = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+        runs = [(1, 0), (64, 0), (1, 5), (64, 5)]  # paced: 200 tokens/s per stream, like a fast GPU model
         out += compare("Part 1: stub backend (isolates the proxy)", stub, proxy, body, [1, 16, 64],
-                       400 if args.quick else 2000, 64, 128 if args.quick else 512)
+                       400 if args.quick else 2000, runs, 128 if args.quick else 256)
     finally:
         for p in procs:
             p.terminate()
@@ -242,7 +257,7 @@ def real_backend(quick: bool) -> list[str]:
         body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
                 "temperature": 0, "seed": 1}
         return compare("Part 2: real llama-server, SmolLM2-135M Q4_1 on 2 CPU cores (8 tokens a request)",
-                       low, port, body, [1, 16], 20 if quick else 60, 16, 16 if quick else 32)
+                       low, port, body, [1, 16], 20 if quick else 60, [(1, 0), (16, 0)], 16 if quick else 32)
     finally:
         daemon.terminate()
         daemon.wait(60)
