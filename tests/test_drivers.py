@@ -1,0 +1,63 @@
+"""What each driver launches: argv lists (never a shell), loopback binding, GPU pinning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.drivers.llama_server import LlamaServerDriver
+from reconciler.drivers.vllm import VllmDriver
+from reconciler.spec import ModelSpec
+
+LLAMA = LlamaServerDriver(Path("/opt/llama-server"))
+
+
+def test_llama_server_argv_for_a_cpu_chat_model() -> None:
+    model = ModelSpec(path="/m/a.gguf", n_ctx=2048, llama={"threads": 4, "parallel": 2})  # type: ignore[arg-type]
+    assert LLAMA.command("chat", model, 8001) == [
+        "/opt/llama-server", "--host", "127.0.0.1", "--port", "8001", "-m", "/m/a.gguf", "--alias", "chat",
+        "-c", "2048", "-ngl", "0", "--no-webui", "-t", "4", "-np", "2"]
+    assert LLAMA.environment(model) == {"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": ""}
+
+
+def test_llama_server_gpu_embedding_lora_and_extra_args() -> None:
+    model = ModelSpec.model_validate({
+        "path": "/m/e.gguf", "server_type": "embedding", "gpu_index": [1, 3], "n_gpu_layers": -1,
+        "llama": {"mmap": False, "mlock": True, "pooling": "cls"},
+        "lora": [{"name": "a", "path": "/l/a.gguf", "scale": 0.5}, {"name": "b", "path": "/l/b.gguf"}],
+        "extra_args": ["--cont-batching"]})
+    argv = LLAMA.command("emb", model, 8002)
+    assert argv[argv.index("-ngl") + 1] == "all"
+    assert argv[argv.index("--load-mode") + 1] == "mlock"
+    assert argv[argv.index("--embeddings"):argv.index("--embeddings") + 3] == ["--embeddings", "--pooling", "cls"]
+    assert argv[argv.index("--lora-scaled") + 1] == "/l/a.gguf:0.5,/l/b.gguf:1.0"
+    assert argv[-1] == "--cont-batching"
+    assert LLAMA.environment(model) == {"CUDA_VISIBLE_DEVICES": "1,3", "HIP_VISIBLE_DEVICES": "1,3"}
+
+
+def test_vllm_argv_tensor_parallel_from_gpu_index_and_own_interpreter() -> None:
+    model = ModelSpec.model_validate({
+        "hf_id": "org/llama", "backend": "vllm", "gpu_index": [0, 1], "n_ctx": 8192,
+        "vllm": {"python": "/venvs/vllm/bin/python", "block_size": 16, "dtype": "bfloat16"},
+        "lora": [{"name": "sql", "path": "/l/sql"}]})
+    argv = VllmDriver().command("llama", model, 8003)
+    assert argv[:3] == ["/venvs/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    for flag, value in (("--model", "org/llama"), ("--served-model-name", "llama"), ("--host", "127.0.0.1"),
+                        ("--port", "8003"), ("--max-model-len", "8192"), ("--gpu-memory-utilization", "0.9"),
+                        ("--tensor-parallel-size", "2"), ("--block-size", "16"), ("--dtype", "bfloat16")):
+        assert argv[argv.index(flag) + 1] == value
+    assert argv[argv.index("--enable-lora"):] == ["--enable-lora", "--lora-modules", "sql=/l/sql"]
+    assert VllmDriver().environment(model)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_vllm_interpreter_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XGEN_VLLM_PYTHON", "/srv/vllm/bin/python")
+    assert VllmDriver().command("m", ModelSpec(hf_id="o/m", backend="vllm"), 1)[0] == "/srv/vllm/bin/python"
+
+
+def test_unavailable_backends_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XGEN_VLLM_PYTHON", "/nonexistent/python")
+    missing = VllmDriver().availability()
+    assert not missing.ok and "/nonexistent/python" in missing.detail
+    assert not LlamaServerDriver(Path("/nonexistent/llama-server")).availability().ok
