@@ -121,7 +121,7 @@ def estimates_for(models: Mapping[str, tuple[ModelSpec, str]], gpus: tuple[GpuIn
         if backend == "llama-server" and model.gpus and model.path:
             try:
                 facts = read_gguf(model.path)
-            except (OSError, ValueError, KeyError):
+            except Exception:  # a third-party parser on any file: an unreadable header means no estimate
                 continue
         value = estimate(model, backend, gpus, facts)
         if value is not None:

@@ -151,3 +151,11 @@ def test_estimates_per_backend(tiny_gguf: Path) -> None:
     out = memory.estimates_for({"g": (gguf, "llama-server"), "v": (vllm, "vllm"), "c": (cpu, "llama-server")}, h100)
     whole = memory.estimate_gguf(memory.read_gguf(str(tiny_gguf)), 4096, -1)
     assert out == {"g": -(-whole // 2), "v": H100_TOTAL // 2}
+
+
+def test_unreadable_gguf_gives_no_estimate_instead_of_a_crash(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF")
+    h100 = (GpuInfo(0, "H100", "nvidia", H100_TOTAL),)
+    model = ModelSpec(path=str(broken), gpu_index=0, n_gpu_layers=-1)
+    assert memory.estimates_for({"b": (model, "llama-server")}, h100) == {}
