@@ -55,6 +55,13 @@ def test_load_then_chat_completion_answers(daemon: Daemon) -> None:
     answer = chat(daemon)
     assert answer["model"] == "smollm2"
     assert answer["choices"][0]["message"]["content"]  # type: ignore[index]
+    metrics = daemon.http.get("/metrics").text
+    for line in ('xgen_model_state{model="smollm2",state="LOADED"} 1.0',
+                 'xgen_proxy_requests_total{model="smollm2",status="200"} 1.0',
+                 'xgen_tokens_total{kind="completion",model="smollm2"} 4.0',
+                 'xgen_model_load_seconds_count{model="smollm2"} 1.0',
+                 'xgen_proxy_inflight_requests{model="smollm2"} 0.0'):
+        assert line in metrics, line
 
 
 def test_n_ctx_change_reloads_once(daemon: Daemon) -> None:
@@ -224,3 +231,40 @@ def test_apply_wait_follows_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
                            "--detailed-exitcode"], capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stdout
     assert "compared with the xgen daemon at" in plan.stdout
+
+
+def test_truncate_then_write_and_half_written_files_end_in_the_right_state(daemon: Daemon) -> None:
+    daemon.start()
+    daemon.converged(daemon.write(ONE_MODEL))
+    target = daemon.file.read_text().replace("n_ctx: 1024", "n_ctx: 1536")
+    with daemon.file.open("w") as f:  # truncate, then write in two parts with a pause between
+        f.write(target[: len(target) // 2])
+        f.flush()
+        time.sleep(0.3)
+        f.write(target[len(target) // 2:])
+    from reconciler.spec import load
+
+    daemon.converged(load(daemon.file).generation)
+    assert daemon.model("smollm2")["config"]["n_ctx"] == 1536  # type: ignore[index]
+
+
+def test_reload_drains_a_stream_in_flight(daemon: Daemon) -> None:
+    """A save that reloads the model while a stream is running: the stream finishes whole,
+    then the old process stops; requests sent meanwhile wait for the new one."""
+    import httpx
+
+    daemon.start()
+    daemon.converged(daemon.write(ONE_MODEL))
+    old_pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    body = {"stream": True, "max_tokens": 60, "ignore_eos": True, "messages": [{"role": "user", "content": "Go"}]}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{daemon.url}/v1/chat/completions",
+                                                       json=body) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        generation = daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 2048"))
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    assert any('"finish_reason":"length"' in line for line in rest)
+    daemon.converged(generation)
+    assert daemon.model("smollm2")["pid"] != old_pid  # type: ignore[index]
+    chat(daemon)
