@@ -61,3 +61,17 @@ def test_unavailable_backends_say_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
     missing = VllmDriver().availability()
     assert not missing.ok and "/nonexistent/python" in missing.detail
     assert not LlamaServerDriver(Path("/nonexistent/llama-server")).availability().ok
+
+
+def test_transformers_argv_runs_xgens_own_server() -> None:
+    from reconciler.drivers.transformers import TransformersDriver
+
+    model = ModelSpec.model_validate({"path": "/hf/llama", "server_type": "embedding", "n_ctx": 512,
+                                      "transformers": {"dtype": "bfloat16"}, "gpu_index": 0})
+    driver = TransformersDriver()
+    argv = driver.command("emb", model, 8004)
+    assert argv[1:3] == ["-m", "reconciler.drivers.hf_server"]
+    assert argv[3:] == ["--model", "/hf/llama", "--served-model-name", "emb", "--host", "127.0.0.1", "--port", "8004",
+                        "--server-type", "embedding", "--max-len", "512", "--dtype", "bfloat16"]
+    assert driver.environment(model)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert driver.environment(model)["HF_HUB_OFFLINE"] == "1"
