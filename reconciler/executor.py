@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import httpx
+
 from reconciler.plan import Action, Plan
 from reconciler.state import ModelState
 from reconciler.store import StateStore
@@ -59,6 +61,8 @@ class Executor:
             ok = True
             if action.kind == "unload":
                 await self.supervisor.stop(action.model, action.reason)
+            elif action.adapter is not None:
+                ok = await self._adapter(action)
             else:
                 assert action.spec is not None, "load and reload carry the spec"
                 if action.kind == "reload":
@@ -73,6 +77,35 @@ class Executor:
         if not ok:
             outcome.ok = False
             outcome.failed.append(action.model)
+
+    async def _adapter(self, action: Action) -> bool:
+        """Load or unload a LoRA adapter in a running vLLM (VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
+        assert action.adapter is not None
+        info = self.store.models.get(action.model)
+        if info is None or info.port is None:
+            return False
+        adding = action.kind == "add_adapter"
+        path, body = (
+            ("load_lora_adapter", {"lora_name": action.adapter.name, "lora_path": action.adapter.path})
+            if adding
+            else ("unload_lora_adapter", {"lora_name": action.adapter.name})
+        )
+        try:
+            async with httpx.AsyncClient(timeout=120) as http:
+                resp = await http.post(f"http://127.0.0.1:{info.port}/v1/{path}", json=body)
+            failure = "" if resp.status_code == 200 else f"HTTP {resp.status_code}: {resp.text[:300]}"
+        except httpx.HTTPError as exc:
+            failure = repr(exc)
+        if failure:
+            self.store.update(action.model, error_message=f"{path} {action.adapter.name}: {failure}")
+            return False
+        kept = [a for a in info.spec.lora if a.name != action.adapter.name]
+        self.store.update(
+            action.model,
+            spec=info.spec.model_copy(update={"lora": [*kept, action.adapter] if adding else kept}),
+            error_message=None,
+        )
+        return True
 
     async def _drain(self, name: str) -> None:
         """Let /v1 requests already sent to the old process finish (bounded by drain_s)."""

@@ -10,12 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from reconciler.spec import ModelSpec, Spec
+from reconciler.spec import LoraAdapter, ModelSpec, Spec
 from reconciler.state import GpuInfo, ModelState
 
 PLAN_FORMAT_VERSION = "1"
-ActionKind = Literal["unload", "reload", "load", "activate"]
-_ORDER: dict[str, int] = {"unload": 0, "reload": 1, "load": 2, "activate": 3}
+ActionKind = Literal["unload", "remove_adapter", "reload", "load", "add_adapter", "activate"]
+_ORDER: dict[str, int] = {"unload": 0, "remove_adapter": 1, "reload": 2, "load": 3, "add_adapter": 4, "activate": 5}
+# Backends that add and remove LoRA adapters at run time (vLLM with runtime updating enabled).
+RUNTIME_ADAPTERS = frozenset({"vllm"})
 # Fields whose change never needs the process restarted: routing reads them from the spec.
 NO_RESTART = frozenset({"aliases", "desired", "ready_timeout_s"})
 
@@ -92,9 +94,10 @@ class Action:
     backend: str = ""
     spec: ModelSpec | None = None
     changes: tuple[Change, ...] = ()
+    adapter: LoraAdapter | None = None
 
-    def order(self) -> tuple[int, str]:
-        return (_ORDER[self.kind], self.model)
+    def order(self) -> tuple[int, str, str]:
+        return (_ORDER[self.kind], self.model, self.adapter.name if self.adapter else "")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +106,7 @@ class Action:
             "backend": self.backend or None,
             "reason": self.reason,
             "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in self.changes],
+            "adapter": self.adapter.model_dump(mode="json") if self.adapter else None,
         }
 
 
@@ -158,6 +162,30 @@ def restart_changes(want: ModelSpec, have: ModelSpec) -> tuple[Change, ...]:
     )
 
 
+def adapter_actions(name: str, backend: str, want: ModelSpec, have: ModelSpec) -> list[Action]:
+    """LoRA changes a running vLLM applies without a restart: removals, then additions."""
+    old = {a.name: a for a in have.lora}
+    new = {a.name: a for a in want.lora}
+    out = [
+        Action(
+            "remove_adapter",
+            name,
+            "removed from the spec" if n not in new else "path changed",
+            backend,
+            want,
+            adapter=a,
+        )
+        for n, a in old.items()
+        if new.get(n) != a
+    ]
+    out += [
+        Action("add_adapter", name, "added to the spec" if n not in old else "path changed", backend, want, adapter=a)
+        for n, a in new.items()
+        if old.get(n) != a
+    ]
+    return out
+
+
 def plan(spec: Spec, observed: Observed) -> Plan:
     """Actions that take `observed` to `spec`: unloads, reloads, loads, then activate."""
     actions: list[Action] = []
@@ -176,6 +204,9 @@ def plan(spec: Spec, observed: Observed) -> Plan:
         changes = restart_changes(want, have.spec)
         if have.backend != backend:
             changes = (Change("backend", have.backend, backend), *changes)
+        if changes and [c.field for c in changes] == ["lora"] and backend in RUNTIME_ADAPTERS and have.spec.lora:
+            actions.extend(adapter_actions(name, backend, want, have.spec))
+            continue
         if changes:
             actions.append(Action("reload", name, "spec changed", backend, want, changes))
             continue
@@ -262,12 +293,15 @@ def render_text(p: Plan) -> str:
         lines.append(f"Error: {error}")
     if p.errors:
         lines.append("")
-    symbols = {"load": "+", "unload": "-", "reload": "~", "activate": "→"}
+    symbols = {"load": "+", "unload": "-", "reload": "~", "activate": "→", "add_adapter": "+", "remove_adapter": "-"}
     if p.actions:
         lines.append(f"xgen will perform the following actions (generation {p.generation}):")
         lines.append("")
     for a in p.actions:
         target = f" ({a.backend})" if a.backend and a.kind in ("load", "reload") else ""
+        if a.adapter is not None:
+            lines.append(f"  {symbols[a.kind]} adapter {a.model}/{a.adapter.name} ({a.adapter.path}): {a.reason}")
+            continue
         lines.append(f"  {symbols[a.kind]} {a.kind} {a.model or '(none)'}{target}: {a.reason}")
         if a.kind == "load" and a.spec is not None:
             device = ",".join(f"gpu:{g}" for g in a.spec.gpus) or "cpu"
@@ -291,6 +325,9 @@ def render_text(p: Plan) -> str:
         lines.append("No changes. The running state matches the spec.")
     else:
         parts = [f"{counts[k]} to {k}" for k in ("load", "reload", "unload") if counts[k]]
+        adapters = counts["add_adapter"] + counts["remove_adapter"]
+        if adapters:
+            parts.append(f"{adapters} adapter change{'s' if adapters != 1 else ''}")
         activate = next((a.model for a in p.actions if a.kind == "activate"), None)
         if activate is not None:
             parts.append(f"active → {activate or 'none'}")

@@ -173,6 +173,41 @@ def test_too_few_ports_is_a_plan_error() -> None:
     )
 
 
+VLLM = """
+models:
+  base:
+    hf_id: org/llama
+    backend: vllm
+    gpu_index: 0
+    lora:
+      - {name: sql, path: /l/sql}
+      - {name: chat, path: /l/chat}
+"""
+
+
+def test_vllm_adapter_changes_need_no_restart() -> None:
+    before = spec_of(VLLM)
+    after = spec_of(VLLM.replace("      - {name: chat, path: /l/chat}", "      - {name: law, path: /l/law}"))
+    observed = Observed({"base": ObservedModel(before.models["base"], "vllm", ModelState.LOADED)}, "base", (H100,))
+    p = plan(after, observed)
+    assert [(a.kind, a.adapter.name if a.adapter else "") for a in p.actions] == [
+        ("remove_adapter", "chat"), ("add_adapter", "law")]
+    text = render_text(p)
+    assert "  - adapter base/chat (/l/chat): removed from the spec" in text
+    assert "  + adapter base/law (/l/law): added to the spec" in text
+    assert "Plan: 2 adapter changes." in text
+
+
+def test_adapter_changes_restart_where_the_backend_cannot_do_them_live() -> None:
+    vllm_plain = spec_of(VLLM.split("    lora:")[0])
+    observed = Observed({"base": ObservedModel(vllm_plain.models["base"], "vllm", ModelState.LOADED)}, "base")
+    assert kinds(plan(spec_of(VLLM), observed)) == [("reload", "base")]  # --enable-lora needs a start
+    gguf = spec_of("models:\n  g:\n    path: /g.gguf\n")
+    with_lora = spec_of("models:\n  g:\n    path: /g.gguf\n    lora: [{name: a, path: /a.gguf}]\n")
+    observed = Observed({"g": ObservedModel(gguf.models["g"], "llama-server", ModelState.LOADED)}, "g")
+    assert kinds(plan(with_lora, observed)) == [("reload", "g")]
+
+
 # ---------------------------------------------------------------- golden renderings
 
 
@@ -224,7 +259,7 @@ def apply(p: Plan, observed: Observed) -> Observed:
     for a in p.actions:
         if a.kind == "unload":
             del models[a.model]
-        elif a.kind in ("load", "reload"):
+        elif a.kind in ("load", "reload", "add_adapter", "remove_adapter"):
             assert a.spec is not None
             models[a.model] = ObservedModel(a.spec, a.backend, ModelState.LOADED)
         else:

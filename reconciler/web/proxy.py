@@ -180,7 +180,15 @@ class Proxy:
             info = await self.store.wait_for(name, spec.server.load_wait_s)
         if info is None or info.state is not ModelState.LOADED or info.port is None:
             return self._unavailable(name, info, spec)
-        if payload.get("model") != decision.upstream_model:
+        if decision.upstream_model != name and info.backend == "llama-server":
+            # llama-server selects adapters per request by id and scale; the model stays the base
+            payload["lora"] = [
+                {"id": i, "scale": a.scale if a.name == decision.upstream_model else 0.0}
+                for i, a in enumerate(info.spec.lora)
+            ]
+            payload["model"] = name
+            body = json.dumps(payload).encode()
+        elif payload.get("model") != decision.upstream_model:
             payload["model"] = decision.upstream_model
             body = json.dumps(payload).encode()
         return await self._send(request, name, info.port, endpoint, body, t0)
