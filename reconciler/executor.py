@@ -20,6 +20,8 @@ from reconciler.store import StateStore
 from reconciler.supervisor import Supervisor
 
 log = logging.getLogger("xgen.executor")
+# Free memory first, start processes next, then adapters on the processes that now run.
+PHASE = {"unload": 0, "remove_adapter": 0, "reload": 1, "load": 1, "add_adapter": 2, "activate": 3}
 
 
 @dataclass
@@ -38,10 +40,7 @@ class Executor:
 
     async def apply(self, plan: Plan) -> Outcome:
         outcome = Outcome()
-        phases = [
-            [a for a in plan.actions if a.kind == "unload"],
-            [a for a in plan.actions if a.kind in ("reload", "load")],
-        ]
+        phases = [[a for a in plan.actions if PHASE[a.kind] == i] for i in range(3)]
         for phase in phases:
             if phase:
                 async with asyncio.TaskGroup() as tg:

@@ -134,15 +134,21 @@ class Reconciler:
         if p.empty:
             ok = not any(i.state.value == "ERROR" for i in self.store.models.values())
         else:
+            repeated = self.store.last_pass is not None and self.store.last_pass.get("applied") == p.to_json()
             self.store.publish("plan", {**p.to_json(), "applied": True})
             outcome = await self.executor.apply(p)
             ok = outcome.ok
             for name, estimate in observed.estimates.items():
                 self.store.update(name, estimated_bytes=estimate)
-            self.request_pass()  # confirm convergence with a fresh observation
+            if repeated and ok:
+                # the same plan again after it succeeded: a bug, not a reason to spin; resync later
+                log.error("the plan did not converge after it was applied; retrying at the next resync")
+            else:
+                self.request_pass()  # confirm convergence with a fresh observation
         self.store.last_pass = {
             "generation": spec.generation,
             "ok": ok,
+            "applied": None if p.empty else p.to_json(),
             "failed": [n for n, i in self.store.models.items() if i.state.value == "ERROR"],
         }
         if ok and p.empty:

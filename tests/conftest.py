@@ -3,6 +3,7 @@ tiny GGUF models made on the spot, and a real `xgen serve` daemon."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -121,6 +122,23 @@ class Daemon:
     def converged(self, generation: str, timeout: float = 60) -> dict[str, Any]:
         return self.until(lambda s: s["observed_generation"] == generation and s["status"] == "converged",
                           timeout, f"generation {generation}")
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event in the daemon's backlog (read from the SSE stream, then closed)."""
+        out: list[dict[str, Any]] = []
+        last = self.status()["last_event_id"]
+        kind = ""
+        with self.http.stream("GET", "/api/events", params={"last_event_id": 0}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("id: "):
+                    current = int(line[4:])
+                elif line.startswith("data: "):
+                    out.append({"id": current, "kind": kind, "data": json.loads(line[6:])})
+                    if current >= last:
+                        break
+        return out
 
     def log(self) -> str:
         path = self.dir / "daemon.log"

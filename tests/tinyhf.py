@@ -42,3 +42,29 @@ if __name__ == "__main__":
     import sys
 
     print(write_tiny_hf_llama(Path(sys.argv[1])))
+
+
+def write_tiny_lora(directory: Path, base: Path, rank: int = 8, seed: int = 1) -> Path:
+    """A LoRA adapter for the tiny Llama in PEFT's layout (adapter_config.json +
+    adapter_model.safetensors), written directly: no peft dependency."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    config = json.loads((base / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    tensors = {}
+    for i in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden) * 0.01
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank) * 0.01
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": rank,
+        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+        "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True}))
+    return directory

