@@ -22,8 +22,8 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tinygguf import write_tiny_llama  # noqa: E402
-from tinyhf import write_tiny_hf_llama  # noqa: E402
+from tinygguf import write_tiny_llama
+from tinyhf import write_tiny_hf_llama
 
 
 def free_port() -> int:
