@@ -75,7 +75,8 @@ def main() -> None:
         for name, m in models.items():
             load = m["since"] - m["started_at"]
             rss = tree_rss(m["pid"])
-            print(f"{name:<14} {load:6.2f} s ({load / base_load:5.1f}x)   {rss / 2**20:7.0f} MB ({rss / base_rss:5.1f}x)")
+            ratios = f"{load:6.2f} s ({load / base_load:5.1f}x)   {rss / 2**20:7.0f} MB ({rss / base_rss:5.1f}x)"
+            print(f"{name:<14} {ratios}")
         print(f"(baseline: llama-server on a {gguf.stat().st_size // 1024} KB GGUF; the HF model is the same "
               "shape: hidden 128, 2 layers; 2 CPU cores)")
     finally:
