@@ -76,6 +76,19 @@ def test_adapter_added_in_the_file_is_routable_without_a_restart(vllm_daemon: Da
     assert vllm_daemon.model("tiny-vllm")["pid"] == pid  # type: ignore[index]
 
 
+def test_embedding_model_on_the_pooling_runner(vllm_daemon: Daemon) -> None:
+    embedder = ("  tiny-embed:\n    path: {HF}\n    backend: vllm\n    server_type: embedding\n    n_ctx: 128\n"
+                "    ready_timeout_s: 600\n    vllm:\n      python: {VLLM}\n      dtype: float32\n"
+                "      gpu_memory_utilization: 0.1\n")
+    with_embedder = SPEC.replace("active: tiny-vllm", embedder + "active: tiny-vllm")
+    vllm_daemon.converged(vllm_daemon.write(with_embedder), timeout=600)
+    client = openai.OpenAI(base_url=f"{vllm_daemon.url}/v1", api_key="x", max_retries=0)
+    vectors = client.embeddings.create(model="tiny-embed", input=["hello world", "tiny"]).data
+    assert [len(v.embedding) for v in vectors] == [128, 128]
+    vllm_daemon.converged(vllm_daemon.write(SPEC), timeout=120)
+    assert vllm_daemon.model("tiny-embed") is None
+
+
 def test_unload_stops_vllm(vllm_daemon: Daemon) -> None:
     pid = vllm_daemon.model("tiny-vllm")["pid"]  # type: ignore[index]
     vllm_daemon.converged(vllm_daemon.write(SPEC.replace("    n_ctx: 512\n", "    n_ctx: 512\n    desired: unloaded\n")
