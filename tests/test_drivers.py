@@ -32,6 +32,7 @@ def test_llama_server_gpu_embedding_lora_and_extra_args() -> None:
     assert argv[argv.index("--load-mode") + 1] == "mlock"
     assert argv[argv.index("--embeddings"):argv.index("--embeddings") + 3] == ["--embeddings", "--pooling", "cls"]
     assert argv[argv.index("--lora-scaled") + 1] == "/l/a.gguf:0.5,/l/b.gguf:1.0"
+    assert "--lora-init-without-apply" in argv
     assert argv[-1] == "--cont-batching"
     assert LLAMA.environment(model) == {"CUDA_VISIBLE_DEVICES": "1,3", "HIP_VISIBLE_DEVICES": "1,3"}
 

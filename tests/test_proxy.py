@@ -147,3 +147,35 @@ def test_api_key_is_required_when_set(tmp_path: Path, default_model: Path, tiny_
         assert d.http.get("/api/management/status").status_code == 200  # status stays open on loopback
     finally:
         d.stop()
+
+
+def test_llama_server_lora_adapter_is_selected_by_name(tmp_path: Path, default_model: Path, tiny_gguf: Path,
+                                                      llama_server: Path) -> None:
+    """A request naming an adapter gets it; one naming the base model gets none. Compared with
+    the same backend asked directly with explicit adapter scales."""
+    from tinygguf import write_tiny_lora
+
+    d = Daemon(tmp_path, default_model, tiny_gguf)
+    d.vars["LORA"] = str(write_tiny_lora(tmp_path / "tilt.gguf", tiny_gguf))
+    spec = "models:\n  tiny:\n    path: {TINY}\n    n_ctx: 256\n    lora:\n      - {{name: tilt, path: {LORA}}}\n"
+    d.write(spec)
+    d.start()
+    try:
+        d.converged(d.write(spec))
+        port = d.model("tiny")["port"]  # type: ignore[index]
+
+        def text(url: str, **body: object) -> str:
+            r = httpx.post(url, json={"prompt": "hi", "max_tokens": 6, "temperature": 0, **body}, timeout=30)
+            assert r.status_code == 200, r.text
+            result: str = r.json()["choices"][0]["text"]
+            return result
+
+        direct = f"http://127.0.0.1:{port}/v1/completions"
+        with_adapter = text(direct, lora=[{"id": 0, "scale": 1.0}])
+        without = text(direct, lora=[{"id": 0, "scale": 0.0}])
+        assert with_adapter != without
+        assert text(f"{d.url}/v1/completions", model="tilt") == with_adapter
+        assert text(f"{d.url}/v1/completions", model="tiny") == without
+        assert {m["id"] for m in d.http.get("/v1/models").json()["data"]} == {"tiny", "tilt"}
+    finally:
+        d.stop()

@@ -93,3 +93,27 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_tiny_lora(path: Path, base: Path, *, rank: int = 4, seed: int = 1) -> Path:
+    """A LoRA adapter GGUF for a model from write_tiny_llama (attn_q and attn_v of every block)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(base))
+    embd = int(reader.fields["llama.embedding_length"].contents())
+    layers = int(reader.fields["llama.block_count"].contents())
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    for i in range(layers):
+        for name in ("attn_q", "attn_v"):
+            for part, shape in (("lora_a", (rank, embd)), ("lora_b", (embd, rank))):
+                data = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+                writer.add_tensor(f"blk.{i}.{name}.weight.{part}", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -73,7 +73,8 @@ class LlamaServerDriver:
         if model.server_type == "embedding":
             argv += ["--embeddings", "--pooling", o.pooling or "mean"]
         if model.lora:
-            argv += ["--lora-scaled", ",".join(f"{a.path}:{a.scale}" for a in model.lora)]
+            # loaded but not applied: the proxy selects one per request
+            argv += ["--lora-scaled", ",".join(f"{a.path}:{a.scale}" for a in model.lora), "--lora-init-without-apply"]
         return argv + list(model.extra_args)
 
     def environment(self, model: ModelSpec) -> dict[str, str]:

@@ -180,8 +180,9 @@ class Proxy:
             info = await self.store.wait_for(name, spec.server.load_wait_s)
         if info is None or info.state is not ModelState.LOADED or info.port is None:
             return self._unavailable(name, info, spec)
-        if decision.upstream_model != name and info.backend == "llama-server":
-            # llama-server selects adapters per request by id and scale; the model stays the base
+        if info.backend == "llama-server" and info.spec.lora:
+            # llama-server selects adapters per request by id and scale: the named adapter at its
+            # scale, the others off; a request for the base model gets none (as with vLLM)
             payload["lora"] = [
                 {"id": i, "scale": a.scale if a.name == decision.upstream_model else 0.0}
                 for i, a in enumerate(info.spec.lora)
