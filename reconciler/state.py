@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from reconciler.spec import ModelSpec
@@ -96,17 +96,6 @@ class ModelInfo:
             "memory": {"estimated_bytes": self.estimated_bytes, "measured_bytes": self.measured_bytes},
             "spec": self.spec.model_dump(mode="json"),
         }
-
-
-@dataclass(frozen=True)
-class Transition:
-    """One state change, as published on the event stream."""
-
-    name: str
-    old: ModelState | None
-    new: ModelState
-    reason: str = ""
-    info: ModelInfo | None = field(default=None, compare=False)
 
 
 def transition(info: ModelInfo, to: ModelState, at: float, **changes: Any) -> ModelInfo:

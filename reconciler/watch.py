@@ -38,7 +38,6 @@ class Reconciler:
         self.spec: Spec | None = None
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self.pass_started_ns: int | None = None  # for the save → first action benchmark
 
     def request_pass(self) -> None:
         self._wake.set()
@@ -70,7 +69,6 @@ class Reconciler:
             self.path.parent, debounce=DEBOUNCE_MS, step=10, stop_event=self._stop, recursive=False
         ):
             if any(Path(p).name == self.path.name for _, p in changes):
-                self.pass_started_ns = time.perf_counter_ns()
                 self._wake.set()
 
     async def _timer(self) -> None:
