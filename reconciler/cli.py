@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +55,22 @@ def _daemon_status(url: str) -> dict[str, Any] | None:
 
 
 def _observed(spec: specmod.Spec, url: str | None) -> tuple[Observed, str]:
-    """The daemon's observed state if one answers, else nothing running on this host."""
+    """The daemon's observed state if one answers, else nothing running on this host; with
+    estimates for the spec's GPU models either way, so the preview refuses what will not fit."""
+    from reconciler import memory
+
     target = _daemon_url(spec, url)
     status = _daemon_status(target)
     if status is not None:
-        return Observed.from_status(status, time.time()), f"compared with the xgen daemon at {target}"
-    from reconciler import memory
+        observed = Observed.from_status(status, time.time())
+        estimates = {**observed.estimates, **memory.spec_estimates(spec, observed.gpus)}
+        return replace(observed, estimates=estimates), f"compared with the xgen daemon at {target}"
     from reconciler.gpu import GpuMonitor
-    from reconciler.plan import choose_backend
 
     monitor = GpuMonitor()
     gpus = monitor.sample().gpus
-    placed = {n: (m, choose_backend(m, gpus)[0]) for n, m in spec.loaded.items() if m.gpus}
     return (
-        Observed({}, None, gpus, monitor.detector, memory.estimates_for(placed, gpus)),
+        Observed({}, None, gpus, monitor.detector, memory.spec_estimates(spec, gpus)),
         f"no xgen daemon at {target}: compared with nothing running",
     )
 

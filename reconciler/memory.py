@@ -14,7 +14,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from reconciler.spec import ModelSpec
+from reconciler.plan import choose_backend
+from reconciler.spec import ModelSpec, Spec
 from reconciler.state import GpuInfo
 
 CUDA_CONTEXT_BYTES = 512 * 2**20  # what a CUDA process holds before allocating anything
@@ -127,3 +128,9 @@ def estimates_for(models: Mapping[str, tuple[ModelSpec, str]], gpus: tuple[GpuIn
         if value is not None:
             out[name] = value
     return out
+
+
+def spec_estimates(spec: Spec, gpus: tuple[GpuInfo, ...]) -> dict[str, int]:
+    """Estimates for the spec's loaded models that are placed on GPUs (what plan() checks)."""
+    placed = {n: (m, choose_backend(m, gpus)[0]) for n, m in spec.loaded.items() if m.gpus}
+    return estimates_for(placed, gpus)

@@ -18,7 +18,7 @@ from watchfiles import awatch
 from reconciler import memory
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
-from reconciler.plan import Observed, choose_backend, plan, restart_changes
+from reconciler.plan import Observed, plan, restart_changes
 from reconciler.spec import Spec, SpecError, load
 from reconciler.store import StateStore
 
@@ -93,13 +93,12 @@ class Reconciler:
 
     def observe(self, spec: Spec) -> Observed:
         gpus = tuple(self.gpu.sample().gpus)
-        placed = {n: (m, choose_backend(m, gpus)[0]) for n, m in spec.loaded.items() if m.gpus}
         return Observed(
             self.executor.supervisor.observed(),
             self.store.active,
             gpus,
             self.gpu.detector,
-            memory.estimates_for(placed, gpus),
+            memory.spec_estimates(spec, gpus),
         )
 
     async def reconcile(self) -> None:

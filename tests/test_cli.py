@@ -90,3 +90,40 @@ def test_status_without_daemon(tmp_path: Path) -> None:
     result = xgen("status", str(f))
     assert result.returncode == 1
     assert "no xgen daemon answers at http://127.0.0.1:1" in result.stderr
+
+
+def test_plan_against_a_daemon_estimates_new_gpu_models(tmp_path: Path, tiny_gguf: Path) -> None:
+    """The preview refuses a new GPU model that will not fit, using the daemon's GPU facts."""
+    import http.server
+    import threading
+
+    h100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "vendor": "nvidia", "memory_total": 85_520_809_984,
+            "memory_used": 1 << 30, "memory_free": None, "utilization": 0.0, "uuid": None, "driver": None,
+            "detector": "pynvml"}
+    status = json.dumps({"loaded_models": [], "active_model": None,
+                         "gpu_info": {"detector": "pynvml", "total": 1, "gpus": [h100]}}).encode()
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(status)))
+            self.end_headers()
+            self.wfile.write(status)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Status)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        f = tmp_path / "m.yaml"
+        f.write_text(f"models:\n  big:\n    path: {tiny_gguf}\n    gpu_index: 0\n    n_gpu_layers: -1\n"
+                     "    n_ctx: 100000000\n")
+        result = xgen("plan", str(f), "--daemon", f"http://127.0.0.1:{server.server_port}")
+        assert result.returncode == 1, result.stdout
+        assert "compared with the xgen daemon at" in result.stdout
+        assert "Error: GPU 0 (NVIDIA H100 80GB HBM3): the models placed on it need" in result.stdout
+        assert "short by" in result.stdout
+    finally:
+        server.shutdown()
