@@ -20,6 +20,7 @@ from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
 from reconciler.plan import Observed, plan, restart_changes
 from reconciler.spec import Spec, SpecError, load
+from reconciler.state import ModelState
 from reconciler.store import StateStore
 
 log = logging.getLogger("xgen")
@@ -119,34 +120,32 @@ class Reconciler:
         observed = await asyncio.to_thread(self.observe, spec)
         p = plan(spec, observed)
         self._adopt_routing_fields(spec)
-        self.store.last_plan = p.to_json()
+        shown = p.to_json()
+        self.store.last_plan = shown
         if p.errors:
             for error in p.errors:
                 log.error("plan refused: %s", error)
-            self.store.publish("plan", {**p.to_json(), "applied": False})
+            self.store.publish("plan", {**shown, "applied": False})
             self.store.last_pass = {"generation": spec.generation, "ok": False, "errors": list(p.errors)}
             return
-        for name, estimate in observed.estimates.items():
-            self.store.update(name, estimated_bytes=estimate)
         if p.empty:
-            ok = not any(i.state.value == "ERROR" for i in self.store.models.values())
+            ok = not any(i.state is ModelState.ERROR for i in self.store.models.values())
         else:
-            repeated = self.store.last_pass is not None and self.store.last_pass.get("applied") == p.to_json()
-            self.store.publish("plan", {**p.to_json(), "applied": True})
-            outcome = await self.executor.apply(p)
-            ok = outcome.ok
-            for name, estimate in observed.estimates.items():
-                self.store.update(name, estimated_bytes=estimate)
+            repeated = self.store.last_pass is not None and self.store.last_pass.get("applied") == shown
+            self.store.publish("plan", {**shown, "applied": True})
+            ok = (await self.executor.apply(p)).ok
             if repeated and ok:
                 # the same plan again after it succeeded: a bug, not a reason to spin; resync later
                 log.error("the plan did not converge after it was applied; retrying at the next resync")
             else:
                 self.request_pass()  # confirm convergence with a fresh observation
+        for name, estimate in observed.estimates.items():  # after apply: new models exist now
+            self.store.update(name, estimated_bytes=estimate)
         self.store.last_pass = {
             "generation": spec.generation,
             "ok": ok,
-            "applied": None if p.empty else p.to_json(),
-            "failed": [n for n, i in self.store.models.items() if i.state.value == "ERROR"],
+            "applied": None if p.empty else shown,
+            "failed": [n for n, i in self.store.models.items() if i.state is ModelState.ERROR],
         }
         if ok and p.empty:
             self.store.observed_generation = spec.generation
