@@ -11,7 +11,6 @@ Usage: python benchmarks/backends_bench.py [--no-vllm]
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,9 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from net import free_port
 from tinygguf import write_tiny_llama
 from tinyhf import write_tiny_hf_llama
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def tree_rss(pid: int) -> int:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,18 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from net import free_port
+
 STREAM_CHUNKS = 200
 CHUNK = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
 REPLY = json.dumps({"id": "x", "object": "chat.completion", "model": "stub", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "hello " * 20}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}}).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # ---------------------------------------------------------------- stub backend

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from tinygguf import write_tiny_llama  # tests/ is on sys.path (pytest's rootdir conftest)
+from net import free_port  # tests/ is on sys.path (pytest's rootdir conftest)
+from tinygguf import write_tiny_llama
 
 from reconciler.drivers.llama_server import find_binary
 from reconciler.install import default_model_path
@@ -50,13 +50,6 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 _next_range = [21000 + (os.getpid() % 200) * 50]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Daemon:
