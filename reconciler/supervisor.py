@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -351,7 +352,7 @@ async def cleanup_orphans(state_dir: Path, grace_s: float = 10.0) -> list[int]:
             same = False
         if same:
             log.warning("stopping %s (pid %d) left behind by an earlier xgen", pidfile.stem, record["pid"])
-            await terminate_group(record["pid"], lambda p=proc: _gone(p), grace_s)  # type: ignore[misc]
+            await terminate_group(record["pid"], functools.partial(_gone, proc), grace_s)
             stopped.append(record["pid"])
         pidfile.unlink(missing_ok=True)
     return stopped
