@@ -90,6 +90,12 @@ class Daemon:
                                      cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
         self.until(lambda s: True, what="the daemon to answer")
 
+    def launch(self, body: str, timeout: float = 60, *, header: bool = True) -> dict[str, Any]:
+        """Write models.yaml, start the daemon, and wait until it has converged on that file."""
+        self.write(body, header=header)
+        self.start()
+        return self.converged(self.write(body, header=header), timeout)
+
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.http.get("/api/management/status").json()
         return result

@@ -43,8 +43,7 @@ def page(chromium: str) -> Iterator[object]:
 
 
 def test_page_renders_and_follows_a_saved_change(daemon: Daemon, page: object) -> None:
-    daemon.start()
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)
     page.goto(daemon.url + "/")  # type: ignore[attr-defined]
     row = page.locator('tr[data-model="smollm2"]')  # type: ignore[attr-defined]
     row.locator("[data-state]").filter(has_text="LOADED").wait_for(timeout=15000)

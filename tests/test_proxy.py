@@ -33,9 +33,7 @@ active: smollm2
 def proxy_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path,
                  llama_server: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("proxy"), default_model, tiny_gguf)
-    d.write(SPEC)
-    d.start()
-    d.converged(d.write(SPEC))
+    d.launch(SPEC)
     yield d
     d.stop()
 
@@ -134,10 +132,8 @@ def test_api_key_is_required_when_set(tmp_path: Path, default_model: Path, tiny_
     d = Daemon(tmp_path, default_model, tiny_gguf)
     spec = "server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], api_key: s3cret}}\nmodels:\n  t:\n" \
            "    path: {TINY}\n    n_ctx: 256\n"
-    d.write(spec, header=False)
-    d.start()
     try:
-        d.converged(d.write(spec, header=False))
+        d.launch(spec, header=False)
         with pytest.raises(openai.AuthenticationError) as denied:
             openai.OpenAI(base_url=f"{d.url}/v1", api_key="wrong", max_retries=0).models.list()
         assert denied.value.status_code == 401
@@ -158,10 +154,8 @@ def test_llama_server_lora_adapter_is_selected_by_name(tmp_path: Path, default_m
     d = Daemon(tmp_path, default_model, tiny_gguf)
     d.vars["LORA"] = str(write_tiny_lora(tmp_path / "tilt.gguf", tiny_gguf))
     spec = "models:\n  tiny:\n    path: {TINY}\n    n_ctx: 256\n    lora:\n      - {{name: tilt, path: {LORA}}}\n"
-    d.write(spec)
-    d.start()
     try:
-        d.converged(d.write(spec))
+        d.launch(spec)
         port = d.model("tiny")["port"]  # type: ignore[index]
 
         def text(url: str, **body: object) -> str:

@@ -47,8 +47,7 @@ def loads(d: Daemon, name: str) -> int:
 
 
 def test_load_then_chat_completion_answers(daemon: Daemon) -> None:
-    daemon.start()
-    status = daemon.converged(daemon.write(ONE_MODEL))
+    status = daemon.launch(ONE_MODEL)
     [model] = status["loaded_models"]
     assert (model["state"], model["backend"], model["config"]["device"]) == ("LOADED", "llama-server", "cpu")
     assert model["endpoint"] == f"http://127.0.0.1:{daemon.low}/v1"
@@ -65,8 +64,7 @@ def test_load_then_chat_completion_answers(daemon: Daemon) -> None:
 
 
 def test_n_ctx_change_reloads_once(daemon: Daemon) -> None:
-    daemon.start()
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)
     old_pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     status = daemon.converged(daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 2048")))
     model = daemon.model("smollm2")
@@ -78,9 +76,7 @@ def test_n_ctx_change_reloads_once(daemon: Daemon) -> None:
 
 
 def test_active_and_alias_changes_restart_nothing(daemon: Daemon) -> None:
-    daemon.write(TWO_MODELS.format(aliases="default", active="smollm2"))
-    daemon.start()
-    daemon.converged(daemon.write(TWO_MODELS.format(aliases="default", active="smollm2")))
+    daemon.launch(TWO_MODELS.format(aliases="default", active="smollm2"))
     pids = {m["name"]: m["pid"] for m in daemon.status()["loaded_models"]}
     assert chat(daemon)["model"] == "smollm2"
     status = daemon.converged(daemon.write(TWO_MODELS.format(aliases="default, chat", active="tiny")))
@@ -92,9 +88,7 @@ def test_active_and_alias_changes_restart_nothing(daemon: Daemon) -> None:
 
 
 def test_desired_unloaded_stops_the_process(daemon: Daemon) -> None:
-    daemon.write(TWO_MODELS.format(aliases="default", active="smollm2"))
-    daemon.start()
-    daemon.converged(daemon.write(TWO_MODELS.format(aliases="default", active="smollm2")))
+    daemon.launch(TWO_MODELS.format(aliases="default", active="smollm2"))
     tiny_pid = daemon.model("tiny")["pid"]  # type: ignore[index]
     spec = TWO_MODELS.format(aliases="default", active="smollm2")
     spec = spec.replace("n_ctx: 256", "n_ctx: 256\n    desired: unloaded")
@@ -107,9 +101,7 @@ def test_desired_unloaded_stops_the_process(daemon: Daemon) -> None:
 
 
 def test_invalid_file_keeps_the_old_state_serving(daemon: Daemon) -> None:
-    daemon.start()
-    generation = daemon.write(ONE_MODEL)
-    daemon.converged(generation)
+    generation = daemon.launch(ONE_MODEL)["observed_generation"]
     pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: [oops"))
     status = daemon.until(lambda s: s["spec_error"], what="the spec error to show")
@@ -126,8 +118,7 @@ def test_invalid_file_keeps_the_old_state_serving(daemon: Daemon) -> None:
 
 
 def test_killed_backend_goes_to_error_then_back_to_loaded(daemon: Daemon) -> None:
-    daemon.start()
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)
     pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     os.kill(pid, signal.SIGKILL)
     status = daemon.until(lambda s: s["loaded_models"][0]["state"] == "ERROR", 20, "ERROR")
@@ -152,9 +143,7 @@ def test_failing_backend_reports_log_tail_and_backs_off(daemon: Daemon) -> None:
 
 
 def test_sigterm_stops_every_child_and_exits_0(daemon: Daemon) -> None:
-    daemon.write(TWO_MODELS.format(aliases="default", active="smollm2"))
-    daemon.start()
-    status = daemon.converged(daemon.write(TWO_MODELS.format(aliases="default", active="smollm2")))
+    status = daemon.launch(TWO_MODELS.format(aliases="default", active="smollm2"))
     pids = [m["pid"] for m in status["loaded_models"]]
     assert daemon.stop() == 0
     assert not any(pid_alive(p) for p in pids)
@@ -162,8 +151,7 @@ def test_sigterm_stops_every_child_and_exits_0(daemon: Daemon) -> None:
 
 
 def test_children_die_with_a_killed_daemon_and_leftovers_are_cleaned(daemon: Daemon) -> None:
-    daemon.start()
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)
     pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     assert daemon.proc is not None
     daemon.proc.kill()  # SIGKILL: no chance to clean up
@@ -172,8 +160,7 @@ def test_children_die_with_a_killed_daemon_and_leftovers_are_cleaned(daemon: Dae
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not pid_alive(pid), "the parent-death signal should have stopped the backend"
-    daemon.start()  # a new daemon finds the stale pid file, checks it, and carries on
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)  # a new daemon finds the stale pid file, checks it, and carries on
     assert daemon.model("smollm2")["pid"] != pid  # type: ignore[index]
 
 
@@ -209,14 +196,12 @@ def test_port_held_by_another_process_is_skipped(daemon: Daemon) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", daemon.low))
         squatter.listen()
-        daemon.start()
-        status = daemon.converged(daemon.write(ONE_MODEL))
+        status = daemon.launch(ONE_MODEL)
         assert status["loaded_models"][0]["port"] == daemon.low + 1
 
 
 def test_apply_wait_follows_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
-    daemon.start()
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)
     staged = tmp_path / "next.yaml"
     staged.write_text(daemon.file.read_text().replace("n_ctx: 1024", "n_ctx: 512"))
     result = subprocess.run([sys.executable, "-m", "reconciler.cli", "apply", str(staged), "--target",
@@ -234,8 +219,7 @@ def test_apply_wait_follows_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
 
 
 def test_truncate_then_write_and_half_written_files_end_in_the_right_state(daemon: Daemon) -> None:
-    daemon.start()
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)
     target = daemon.file.read_text().replace("n_ctx: 1024", "n_ctx: 1536")
     with daemon.file.open("w") as f:  # truncate, then write in two parts with a pause between
         f.write(target[: len(target) // 2])
@@ -253,8 +237,7 @@ def test_reload_drains_a_stream_in_flight(daemon: Daemon) -> None:
     then the old process stops; requests sent meanwhile wait for the new one."""
     import httpx
 
-    daemon.start()
-    daemon.converged(daemon.write(ONE_MODEL))
+    daemon.launch(ONE_MODEL)
     old_pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     body = {"stream": True, "max_tokens": 60, "ignore_eos": True, "messages": [{"role": "user", "content": "Go"}]}
     with httpx.Client(timeout=60) as http, http.stream("POST", f"{daemon.url}/v1/chat/completions",

@@ -40,9 +40,7 @@ def hf_daemon(tmp_path_factory: pytest.TempPathFactory, hf_dir: Path, default_mo
               tiny_gguf: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("hfd"), default_model, tiny_gguf)
     d.vars["HF"] = str(hf_dir)
-    d.write(SPEC)
-    d.start()
-    d.converged(d.write(SPEC), timeout=300)
+    d.launch(SPEC, timeout=300)
     yield d
     d.stop()
 

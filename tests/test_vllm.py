@@ -43,9 +43,7 @@ def vllm_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path, t
     d = Daemon(work, default_model, tiny_gguf)
     d.vars.update(HF=str(hf), VLLM=str(python), LORA1=str(write_tiny_lora(work / "lora-support", hf)),
                   LORA2=str(write_tiny_lora(work / "lora-legal", hf, seed=2)))
-    d.write(SPEC)
-    d.start()
-    d.converged(d.write(SPEC), timeout=600)
+    d.launch(SPEC, timeout=600)
     yield d
     d.stop()
 
