@@ -23,6 +23,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SPEC_VERSION = 1
+# Bounds on what one save may cost the daemon: a models.yaml of hundreds of models is ~100 KB.
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_NODES = 50_000  # YAML values read, counting every expansion of an alias (a "billion laughs" file)
+# Plain YAML only: an explicit tag such as !!python/object is refused, never constructed.
+_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "timestamp"))
 BACKENDS = ("llama-server", "vllm", "transformers")
 Backend = Literal["auto", "llama-server", "vllm", "transformers"]
 ServerType = Literal["llm", "embedding"]
@@ -68,8 +73,29 @@ class ServerSettings(_Strict):
     load_wait_s: float = Field(30.0, ge=0, description="How long /v1 waits for a LOADING model before answering 503.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest /v1 request body accepted (413 above).")
     stop_grace_s: float = Field(30.0, ge=0, description="SIGTERM → SIGKILL grace period for backend processes.")
-    max_restarts: int = Field(
-        5, ge=0, description="Consecutive failures of an unchanged spec before xgen stops retrying."
+    max_restarts: int | None = Field(
+        None,
+        ge=0,
+        description="Consecutive failures of an unchanged spec before xgen stops retrying; null (the default) "
+        "retries for ever, with the backoff.",
+    )
+    backoff_max_s: float = Field(
+        300.0, gt=0, description="Cap of the restart backoff (1, 2, 4 … s after each consecutive failure)."
+    )
+    backoff_reset_s: float = Field(
+        60.0, ge=0, description="A model that stays LOADED this long has its failure count reset."
+    )
+    settle_ms: int = Field(
+        300,
+        ge=0,
+        le=60_000,
+        description="A change that takes something away from a running model (unload, reload, removal, routing) "
+        "waits until the file's bytes have not changed for this long, so a half-written save is never acted on.",
+    )
+    unknown_model: Literal["reject", "active"] = Field(
+        "reject",
+        description="A /v1 request naming a model xgen does not serve: `reject` answers 404 model_not_found, "
+        "`active` sends it to the active model (for clients that hard-code a model name).",
     )
 
     @field_validator("api_key", "state_dir", mode="after")
@@ -255,6 +281,8 @@ class _Reader:
         self.env = env
         self.positions: dict[Loc, tuple[int, int]] = {}
         self.problems: list[Problem] = []
+        self.nodes = 0
+        self._open: set[int] = set()  # nodes being read: an alias to one of them is a cycle
 
     def problem(self, loc: Loc, message: str) -> None:
         line, col = self.where(loc)
@@ -267,26 +295,52 @@ class _Reader:
 
     def read(self, node: yaml.Node, loc: Loc) -> Any:
         self.positions[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _TooBig(loc)
+        if node.tag not in _TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.problem(loc, f"tag '{tag}' is not allowed (models.yaml holds plain YAML values only)")
+            return None
+        if id(node) in self._open:
+            self.problem(loc, "an alias refers to a value that contains it (a cycle); write the value out instead")
+            return None
         if isinstance(node, yaml.MappingNode):
-            out: dict[str, Any] = {}
-            for key_node, value_node in node.value:
-                key = str(key_node.value)
-                if key in out:
-                    first = self.positions[(*loc, key)]
-                    self.positions[(*loc, key, "__dup")] = (
-                        key_node.start_mark.line + 1,
-                        key_node.start_mark.column + 1,
-                    )
-                    self.problem((*loc, key, "__dup"), f"duplicate key '{key}' (first defined at line {first[0]})")
-                    continue
-                out[key] = self.read(value_node, (*loc, key))
-                # point at the key rather than the value: that is where people look
-                self.positions[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            return out
+            self._open.add(id(node))
+            try:
+                return self._mapping(node, loc)
+            finally:
+                self._open.discard(id(node))
         if isinstance(node, yaml.SequenceNode):
-            return [self.read(item, (*loc, i)) for i, item in enumerate(node.value)]
-        value = yaml.SafeLoader("").construct_object(node, deep=True)
+            self._open.add(id(node))
+            try:
+                return [self.read(item, (*loc, i)) for i, item in enumerate(node.value)]
+            finally:
+                self._open.discard(id(node))
+        try:
+            value = yaml.SafeLoader("").construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. a timestamp that is no date
+            self.problem(loc, f"cannot read this value: {exc}")
+            return None
         return self.expand(value, loc) if isinstance(value, str) else value
+
+    def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                self.problems.append(Problem(self.file, *where, _dotted(loc), "a key must be a plain name"))
+                continue
+            key = str(key_node.value)
+            if key in out:
+                first = self.positions[(*loc, key)]
+                self.positions[(*loc, key, "__dup")] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                self.problem((*loc, key, "__dup"), f"duplicate key '{key}' (first defined at line {first[0]})")
+                continue
+            out[key] = self.read(value_node, (*loc, key))
+            # point at the key rather than the value: that is where people look
+            self.positions[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+        return out
 
     def expand(self, text: str, loc: Loc) -> str:
         def sub(match: re.Match[str]) -> str:
@@ -303,6 +357,13 @@ class _Reader:
         return _ENV.sub(sub, text)
 
 
+class _TooBig(Exception):
+    """The file expands to more than MAX_NODES values (aliases count each time they are used)."""
+
+    def __init__(self, loc: Loc) -> None:
+        self.loc = loc
+
+
 def _dotted(loc: Loc) -> str:
     return ".".join(str(p) for p in loc if p != "__dup")
 
@@ -313,13 +374,20 @@ def _dotted(loc: Loc) -> str:
 def parse(text: str, file: str = "models.yaml", env: Mapping[str, str] | None = None) -> Spec:
     """Validate the text of a models.yaml; raise SpecError listing every problem."""
     reader = _Reader(file, os.environ if env is None else env)
+    root = _compose(text, file)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise SpecError([Problem(file, line, col, "", f"invalid YAML: {exc.problem or exc}")]) from None
-    data = reader.read(root, ()) if root is not None else {}
+        data = reader.read(root, ()) if root is not None else {}
+    except _TooBig as exc:
+        reader.problem(
+            exc.loc,
+            f"the file expands to more than {MAX_NODES} values (aliases count each time they are used); "
+            "write it out or use fewer aliases",
+        )
+        raise SpecError(reader.problems[-1:]) from None
+    except RecursionError:
+        raise SpecError([Problem(file, 1, 1, "", "values nest too deeply to read")]) from None
+    if reader.problems:  # tags and cycles: the data around them is not what the operator wrote
+        raise SpecError(reader.problems)
     if not isinstance(data, dict):
         reader.problem((), f"found {type(data).__name__}, expected a mapping with 'models:'")
         raise SpecError(reader.problems)
@@ -330,6 +398,30 @@ def parse(text: str, file: str = "models.yaml", env: Mapping[str, str] | None = 
     if reader.problems or spec is None:
         raise SpecError(reader.problems)
     return spec
+
+
+def _compose(text: str, file: str) -> yaml.Node | None:
+    """The YAML node tree, or SpecError with the position of what stopped the parser."""
+    try:
+        root: yaml.Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+        return root
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise SpecError([Problem(file, line, col, "", f"invalid YAML: {exc.problem or exc}")]) from None
+    except yaml.reader.ReaderError as exc:
+        line, col = _line_col(text, exc.position)
+        what = f"character {chr(exc.character)!r}" if isinstance(exc.character, int) else "a character"
+        raise SpecError([Problem(file, line, col, "", f"invalid YAML: {what} is not allowed ({exc.reason})")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([Problem(file, 1, 1, "", f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        raise SpecError([Problem(file, 1, 1, "", "invalid YAML: values nest too deeply to read")]) from None
+
+
+def _line_col(text: str, position: int) -> tuple[int, int]:
+    before = text[:position]
+    return before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1
 
 
 def _apply_defaults(data: dict[str, Any], reader: _Reader) -> dict[str, Any]:
@@ -526,18 +618,41 @@ def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Spec:
-    """Read, validate and resolve a models.yaml: relative paths are taken from the file's
-    directory, a directory of GGUF files resolves to its first `.gguf`, and missing paths are
-    errors. Raises SpecError with every problem, or OSError if the file cannot be read."""
-    file = Path(path)
-    text = file.read_text(encoding="utf-8")
-    spec = parse(text, str(path), env)
-    return _resolve_paths(spec, text, str(path), file.resolve().parent, os.environ if env is None else env)
+    """Read, validate and resolve a models.yaml (see `loads`). Raises SpecError with every
+    problem, or OSError if the file cannot be read."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_SPEC_BYTES + 1)
+    return loads(data, path, env)
+
+
+def loads(data: bytes, path: str | Path, env: Mapping[str, str] | None = None) -> Spec:
+    """Validate the bytes of the models.yaml at `path` and resolve it against the host: relative
+    paths are taken from the file's directory, a directory of GGUF files resolves to its first
+    `.gguf`, and missing paths are errors. Raises SpecError and nothing else, whatever the bytes."""
+    file = str(path)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(
+            [
+                Problem(
+                    file, 1, 1, "", f"the file is larger than {MAX_SPEC_BYTES // 1024} KiB; is this really models.yaml?"
+                )
+            ]
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError(
+            [Problem(file, line, col, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8")]
+        ) from None
+    spec = parse(text, file, env)
+    return _resolve_paths(spec, text, file, Path(path).resolve().parent, os.environ if env is None else env)
 
 
 def _resolve_paths(spec: Spec, text: str, file: str, base: Path, env: Mapping[str, str]) -> Spec:
     reader = _Reader(file, env)  # read again only for the positions of the path fields
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    root = _compose(text, file)
     if root is not None:
         reader.read(root, ())
     models: dict[str, ModelSpec] = {}
@@ -579,6 +694,18 @@ def _resolve(path: Path, base: Path, model: ModelSpec) -> tuple[Path, str | None
     elif model.backend == "llama-server" and full.suffix.lower() != ".gguf":
         return full, f"{full} is not a .gguf file; llama-server serves GGUF files"
     return full, None
+
+
+def declared_state_dir(data: bytes) -> str | None:
+    """`server.state_dir` of a file that may be invalid otherwise (for finding the last good spec)."""
+    try:
+        root = _compose(data.decode("utf-8-sig"), "")
+        tree = _Reader("", {}).read(root, ()) if root is not None else None
+    except (SpecError, UnicodeDecodeError, _TooBig, RecursionError):
+        return None
+    server = tree.get("server") if isinstance(tree, dict) else None
+    value = server.get("state_dir") if isinstance(server, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def json_schema() -> dict[str, Any]:
