@@ -191,6 +191,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{status['status']}  generation {status['generation']}  observed {status['observed_generation']}  "
         f"active {status['active_model']}"
     )
+    serving = status.get("serving") or {}
+    if serving.get("source") == "last_good":
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(serving.get("saved_at") or 0))
+        print(
+            f"serving the last good spec (generation {serving['generation']}, kept from {serving['file']} at {saved})"
+        )
+    if status.get("pass_error"):
+        print(f"a reconcile pass failed (retrying): {status['pass_error']['error']}")
     rows = [("NAME", "STATE", "BACKEND", "PORT", "DEVICE", "UPTIME", "RESTARTS", "ERROR")]
     now = time.time()
     for m in status["loaded_models"]:
@@ -198,7 +206,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append(
             (
                 m["name"],
-                m["state"],
+                m["state"] + (" (crash-looping)" if m.get("crash_looping") else ""),
                 m["backend"],
                 str(m["port"] or "-"),
                 m["config"]["device"],
@@ -260,13 +268,32 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from reconciler.serve import serve
+    from reconciler import last_good
+    from reconciler.serve import serve, state_dir_for
 
+    file = Path(args.file)
     spec = _load_or_report(args.file)
-    if spec is None:
-        print("xgen serve needs a valid file to start; fix the problems above", file=sys.stderr)
+    if spec is not None:
+        directory = state_dir_for(file, spec.server.state_dir, args.state_dir)
+        return serve(file, spec, directory, host=args.host, port=args.port)
+    try:
+        declared = specmod.declared_state_dir(file.read_bytes()[: specmod.MAX_SPEC_BYTES])
+    except OSError:
+        declared = None
+    directory = state_dir_for(file, declared, args.state_dir)
+    kept = last_good.load(directory)
+    if kept is None:
+        print(
+            f"xgen serve needs a valid file to start (no last good spec kept in {directory}); fix the problems above",
+            file=sys.stderr,
+        )
         return 1
-    return serve(Path(args.file), spec, host=args.host, port=args.port, state_dir=args.state_dir)
+    print(
+        f"{args.file} is invalid: serving the last good spec (generation {kept.spec.generation}, kept from "
+        f"{kept.source} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(kept.saved_at))}) until it is fixed",
+        file=sys.stderr,
+    )
+    return serve(file, kept.spec, directory, host=args.host, port=args.port, kept=kept)
 
 
 # ---------------------------------------------------------------- parser

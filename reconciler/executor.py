@@ -1,8 +1,8 @@
 """Runs a Plan: unloads first (free memory), then reloads and loads, then activate.
 
 Actions on different models run concurrently (asyncio.TaskGroup); one model's actions never
-overlap (a lock per model). A reload drains the model's in-flight /v1 requests (bounded) before
-the old process stops.
+overlap (a lock per model). An unload or reload first stops routing to the model, then drains its
+in-flight /v1 requests (bounded) before the old process stops.
 """
 
 from __future__ import annotations
@@ -59,18 +59,13 @@ class Executor:
         async with lock:
             ok = True
             if action.kind == "unload":
-                await self.supervisor.stop(action.model, action.reason)
+                await self._retire(action.model, action.reason)
             elif action.adapter is not None:
                 ok = await self._adapter(action)
             else:
                 assert action.spec is not None, "load and reload carry the spec"
                 if action.kind == "reload":
-                    why = "reload: " + ", ".join(map(str, action.changes))
-                    if self.store.models[action.model].state is ModelState.LOADED:
-                        # new requests now wait for the new process; the old one finishes its own
-                        self.store.transition(action.model, ModelState.UNLOADING, why)
-                        await self._drain(action.model)
-                    await self.supervisor.stop(action.model, why)
+                    await self._retire(action.model, "reload: " + ", ".join(map(str, action.changes)))
                 ok = await self.supervisor.start(action.model, action.spec, action.backend)
         log.info("%s %s: %s in %.2f s", action.kind, action.model, "ok" if ok else "failed", time.monotonic() - t0)
         if not ok:
@@ -105,6 +100,14 @@ class Executor:
             error_message=None,
         )
         return True
+
+    async def _retire(self, name: str, why: str) -> None:
+        """Stop routing new requests to the model (UNLOADING), let those in flight finish, stop it."""
+        info = self.store.models.get(name)
+        if info is not None and info.state is ModelState.LOADED:
+            self.store.transition(name, ModelState.UNLOADING, why)
+            await self._drain(name)
+        await self.supervisor.stop(name, why)
 
     async def _drain(self, name: str) -> None:
         """Let /v1 requests already sent to the old process finish (bounded by drain_s)."""

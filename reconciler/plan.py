@@ -214,17 +214,16 @@ def plan(spec: Spec, observed: Observed) -> Plan:
             notes.append(f"{name}: aliases {have.spec.aliases} → {want.aliases} (applies without restart)")
         if have.state == ModelState.ERROR:
             attempt = have.failures + 1
-            if have.failures >= max_restarts:
+            of = f" of {max_restarts}" if max_restarts is not None else ""
+            if max_restarts is not None and have.failures >= max_restarts:
                 notes.append(
                     f"{name}: failed {have.failures} times with this spec; not retrying "
-                    "(change its entry in the file to try again)"
+                    "(server.max_restarts; change its entry in the file to try again)"
                 )
             elif have.retry_due:
-                actions.append(
-                    Action("load", name, f"retry {attempt} of {max_restarts} after: {have.error}", backend, want)
-                )
+                actions.append(Action("load", name, f"retry {attempt}{of} after: {have.error}", backend, want))
             else:
-                notes.append(f"{name}: in ERROR, retry {attempt} of {max_restarts} after backoff")
+                notes.append(f"{name}: in ERROR, retry {attempt}{of} after backoff")
     active = spec.resolve(spec.active) if spec.active else _default_active(spec)
     if active != observed.active:
         actions.append(Action("activate", active or "", f"was {observed.active or 'none'}"))

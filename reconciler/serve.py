@@ -18,6 +18,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 
+from reconciler import last_good
 from reconciler.drivers.registry import default_drivers
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
@@ -54,16 +55,19 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
     )
 
 
-def state_dir_for(file: Path, spec: Spec, override: str | None) -> Path:
-    chosen = override or spec.server.state_dir
+def state_dir_for(file: Path, declared: str | None, override: str | None) -> Path:
+    """--state-dir, else the file's `server.state_dir`, else `.xgen` beside the file."""
+    chosen = override or declared
     if chosen:
         path = Path(chosen).expanduser()
         return path if path.is_absolute() else file.resolve().parent / path
     return file.resolve().parent / ".xgen"
 
 
-def serve(file: Path, spec: Spec, host: str | None, port: int | None, state_dir: str | None) -> int:
-    directory = state_dir_for(file, spec, state_dir)
+def serve(
+    file: Path, spec: Spec, directory: Path, host: str | None, port: int | None, kept: last_good.Kept | None = None
+) -> int:
+    """Run the daemon on `spec` (from the file, or `kept`: the last good one when the file is invalid)."""
     directory.mkdir(parents=True, exist_ok=True)
     lock = (directory / "daemon.lock").open("a+")
     try:
@@ -80,12 +84,20 @@ def serve(file: Path, spec: Spec, host: str | None, port: int | None, state_dir:
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
-    return asyncio.run(_serve(file, spec, host or spec.server.host, port or spec.server.port, directory))
+    return asyncio.run(_serve(file, spec, host or spec.server.host, port or spec.server.port, directory, kept))
 
 
-async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path) -> int:
+async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, kept: last_good.Kept | None) -> int:
     await cleanup_orphans(state_dir)
     store = StateStore()
+    if kept is not None:
+        store.generation = spec.generation
+        store.serving = {
+            "generation": spec.generation,
+            "source": "last_good",
+            "file": kept.source,
+            "saved_at": kept.saved_at,
+        }
     drivers = default_drivers()
     backends = {name: await asyncio.to_thread(d.availability) for name, d in drivers.items()}
     low, high = spec.server.port_range
@@ -99,7 +111,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path) 
         on_exit=lambda: reconciler.request_pass() if reconciler else None,
     )
     executor = Executor(store, supervisor, DRAIN_S)
-    reconciler = Reconciler(file, store, executor, GpuMonitor())
+    reconciler = Reconciler(file, store, executor, GpuMonitor(), state_dir, spec if kept else None)
     app = create_app(store, lambda: reconciler.spec if reconciler else None, executor.inflight, backends)
     server = _Server(uvicorn_config(app, host, port))
     loop = asyncio.get_running_loop()

@@ -38,6 +38,9 @@ ALLOWED: frozenset[tuple[ModelState, ModelState]] = frozenset(
 )
 
 
+CRASH_LOOP_AFTER = 3  # consecutive failures after which a model is shown as crash-looping
+
+
 class TransitionError(RuntimeError):
     """A state change outside the table: a bug in xgen, never a user error."""
 
@@ -68,6 +71,11 @@ class ModelInfo:
         return f"http://127.0.0.1:{self.port}/v1" if self.port else None
 
     @property
+    def crash_looping(self) -> bool:
+        """Failing again and again: down now, or up again too briefly to have reset its count."""
+        return self.failures >= CRASH_LOOP_AFTER
+
+    @property
     def device(self) -> str:
         gpus = self.spec.gpus
         return "cpu" if not gpus else ",".join(f"gpu:{g}" for g in gpus)
@@ -88,6 +96,7 @@ class ModelInfo:
             "since": self.since,
             "restarts": self.restarts,
             "failures": self.failures,
+            "crash_looping": self.crash_looping,
             "retry_at": self.retry_at,
             "error_message": self.error_message,
             "log_tail": list(self.log_tail),

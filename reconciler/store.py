@@ -26,7 +26,7 @@ log = logging.getLogger("xgen")
 @dataclass(frozen=True)
 class Event:
     id: int
-    kind: str  # state | plan | spec_error | spec_ok | gpu
+    kind: str  # state | plan | spec_error | spec_ok | pass_error | crash_loop | active | gpu
     data: dict[str, Any]
 
 
@@ -40,6 +40,8 @@ class StateStore:
     spec_error: list[str] | None = None  # problems of the file as it is now, if invalid
     last_plan: dict[str, Any] | None = None
     last_pass: dict[str, Any] | None = None
+    pass_error: dict[str, Any] | None = None  # the last pass that failed unexpectedly, until one succeeds
+    serving: dict[str, Any] | None = None  # which spec runs: from the file, or the last good one kept
     gpu: dict[str, Any] = field(default_factory=lambda: {"detector": "cpu", "total": 0, "gpus": []})
     started_at: float = field(default_factory=time.time)
     _events: deque[Event] = field(default_factory=deque)
@@ -144,15 +146,18 @@ class StateStore:
             if idle:  # yield outside the lock: a slow client must not block publishers
                 yield None
 
-    async def wait_for(self, name: str, timeout: float) -> ModelInfo | None:
-        """Wait until `name` leaves LOADING (or the timeout); return its info then."""
+    async def wait_for(
+        self, name: str, timeout: float, passing: frozenset[ModelState | None] = frozenset({ModelState.LOADING})
+    ) -> ModelInfo | None:
+        """Wait while `name` is in one of the `passing` states (None: not known yet), up to the
+        timeout; return its info then."""
         if self._changed is None:
             self._changed = asyncio.Condition()
         deadline = time.monotonic() + timeout
         while True:
             info = self.models.get(name)
             left = deadline - time.monotonic()
-            if info is None or info.state is not ModelState.LOADING or left <= 0:
+            if (info.state if info else None) not in passing or left <= 0 or self.closed:
                 return info
             async with self._changed:
                 with contextlib.suppress(TimeoutError):

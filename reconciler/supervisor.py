@@ -30,19 +30,34 @@ from reconciler.drivers.base import Driver, ready_timeout
 from reconciler.plan import ObservedModel
 from reconciler.ports import PortAllocator, PortsExhausted
 from reconciler.spec import ModelSpec
-from reconciler.state import ModelInfo, ModelState
+from reconciler.state import CRASH_LOOP_AFTER, ModelInfo, ModelState
 from reconciler.store import StateStore
 
 log = logging.getLogger("xgen.supervisor")
 LOG_ROTATE_BYTES = 10 * 2**20
 TAIL_LINES = 20
-STABLE_AFTER_S = 60.0  # a crash after this long up counts as a first failure again
-BACKOFF_CAP_S = 60.0
+LEFTOVER_GRACE_S = 5.0  # what a crashed backend's own children get before SIGKILL
 
 
-def backoff_s(failures: int) -> float:
-    """1, 2, 4 … seconds, capped."""
-    return float(min(BACKOFF_CAP_S, 2 ** max(0, failures - 1)))
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Crash recovery, as Kubernetes' CrashLoopBackOff: 1, 2, 4 … s, capped; a model that has
+    stayed up `reset_s` counts its next crash as a first failure again."""
+
+    cap_s: float = 300.0
+    reset_s: float = 60.0
+
+    def backoff_s(self, failures: int) -> float:
+        return float(min(self.cap_s, 2 ** min(30, max(0, failures - 1))))
+
+
+def exit_reason(code: int) -> str:
+    """`exited with code 1`, or `killed by SIGKILL` for a negative return code."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def launch_hash(argv: list[str], env: dict[str, str]) -> str:
@@ -84,6 +99,7 @@ class Supervisor:
         self.ports = ports
         self.grace_s = grace_s
         self.on_exit = on_exit
+        self.policy = RestartPolicy()  # the reconciler sets it from the spec every pass
         self.children: dict[str, Child] = {}
         self.backends: dict[str, str] = {}
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -179,7 +195,7 @@ class Supervisor:
         delay = 0.02
         while time.monotonic() < deadline:
             if child.proc.returncode is not None:
-                return False, f"exited with code {child.proc.returncode} while loading"
+                return False, f"{exit_reason(child.proc.returncode)} while loading"
             with contextlib.suppress(httpx.HTTPError):
                 if (await self._http.get(url)).status_code == 200:
                     return True, ""
@@ -188,20 +204,25 @@ class Supervisor:
         return False, f"not ready after {timeout:.0f} s (health: {url}); raise ready_timeout_s if it is just slow"
 
     def _fail(self, name: str, failures: int, why: str) -> bool:
-        failures += 1
-        tail = self.log_tail(name)
+        self._to_error(name, failures + 1, why)
+        return False
+
+    def _to_error(self, name: str, failures: int, why: str) -> None:
         self.ports.release(name)
-        self.store.transition(
+        info = self.store.transition(
             name,
             ModelState.ERROR,
             why,
             error_message=why,
-            log_tail=tail,
+            log_tail=self.log_tail(name),
             failures=failures,
-            retry_at=time.time() + backoff_s(failures),
+            retry_at=time.time() + self.policy.backoff_s(failures),
             pid=None,
         )
-        return False
+        if info.failures == CRASH_LOOP_AFTER:
+            self.store.publish(
+                "crash_loop", {"model": name, "failures": failures, "reason": why, "retry_at": info.retry_at}
+            )
 
     # ------------------------------------------------ crash detection
 
@@ -210,22 +231,13 @@ class Supervisor:
         if child.stopping or self.children.get(name) is not child:
             return
         self.children.pop(name, None)
+        # what the backend started itself (vLLM's engine processes) must not outlive it
+        await terminate_group(child.proc.pid, lambda: True, LEFTOVER_GRACE_S)
         self._remove_pidfile(name)
         info = self.store.models[name]
         up = time.time() - child.started
-        failures = 1 if up >= STABLE_AFTER_S else info.failures + 1
-        why = f"process exited with code {code} after {up:.0f} s"
-        self.ports.release(name)
-        self.store.transition(
-            name,
-            ModelState.ERROR,
-            why,
-            error_message=why,
-            log_tail=self.log_tail(name),
-            failures=failures,
-            retry_at=time.time() + backoff_s(failures),
-            pid=None,
-        )
+        failures = 1 if up >= self.policy.reset_s else info.failures + 1
+        self._to_error(name, failures, f"process {exit_reason(code)} after {up:.0f} s")
         self.on_exit()
 
     # ------------------------------------------------ stop
@@ -328,6 +340,10 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _all_gone(procs: list[psutil.Process]) -> bool:
+    return all(_gone(p) for p in procs)
+
+
 def _gone(proc: psutil.Process) -> bool:
     """Exited, counting a zombie that nobody has reaped yet."""
     try:
@@ -336,23 +352,47 @@ def _gone(proc: psutil.Process) -> bool:
         return True
 
 
-async def cleanup_orphans(state_dir: Path, grace_s: float = 10.0) -> list[int]:
-    """Stop children that a crashed daemon left behind, known by their pid files.
+def _group_members(pgid: int, not_before: float) -> list[psutil.Process]:
+    """Processes in group `pgid` started no earlier than its leader was: what a backend
+    started itself (its leader may be gone: the parent-death signal kills only the leader)."""
+    members = []
+    for proc in psutil.process_iter(["create_time"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid and proc.info["create_time"] >= not_before - 1:
+                members.append(proc)
+    return members
 
-    A pid is only touched when its start time and command line match the file, so a reused pid
-    belonging to something else is left alone. Returns the pids stopped.
+
+async def cleanup_orphans(state_dir: Path, grace_s: float = 10.0) -> list[int]:
+    """Stop children that a crashed daemon left behind, and their own children, known by pid files.
+
+    A pid is only touched when its start time and command line match the file, and a process
+    group only when its members started after the recorded leader, so a reused pid belonging to
+    something else is left alone. Returns the pids stopped.
     """
-    stopped = []
+    stopped: list[int] = []
     for pidfile in sorted((state_dir / "pids").glob("*.json")):
         try:
             record = json.loads(pidfile.read_text())
-            proc = psutil.Process(record["pid"])
-            same = abs(proc.create_time() - record["create_time"]) < 1 and proc.cmdline() == record["argv"]
-        except (OSError, ValueError, KeyError, psutil.Error):
+            pid, created = int(record["pid"]), float(record["create_time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pidfile.unlink(missing_ok=True)
+            continue
+        try:
+            proc = psutil.Process(pid)
+            same = abs(proc.create_time() - created) < 1 and proc.cmdline() == record["argv"]
+        except psutil.Error:
             same = False
-        if same:
-            log.warning("stopping %s (pid %d) left behind by an earlier xgen", pidfile.stem, record["pid"])
-            await terminate_group(record["pid"], functools.partial(_gone, proc), grace_s)
-            stopped.append(record["pid"])
+        members = [p for p in _group_members(pid, created) if p.pid != pid]
+        if same or members:
+            log.warning(
+                "stopping %s (process group %d, %d process(es)) left behind by an earlier xgen",
+                pidfile.stem,
+                pid,
+                len(members) + same,
+            )
+            everyone = [*members, proc] if same else members
+            await terminate_group(pid, functools.partial(_all_gone, everyone), grace_s)
+            stopped.extend(p.pid for p in everyone)
         pidfile.unlink(missing_ok=True)
     return stopped

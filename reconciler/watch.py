@@ -1,42 +1,85 @@
-"""The watch loop: file events, process exits and a resync timer all ask for a reconcile pass.
+"""The watch loop: file events, process exits, backoff expiries and a resync timer all ask for a
+reconcile pass.
 
-A pass reads models.yaml, plans against what runs, and applies the plan. Passes never overlap.
-An invalid file keeps the last good spec running; the error is reported and the next valid save
-converges. Editors save by rename, by truncate-then-write, or in pieces: watch the directory,
-debounce, and re-read the whole file every pass (a half-written file is just invalid for a moment).
+A pass reads models.yaml, plans against what runs, and applies the plan. Passes never overlap,
+and no failure inside one ends the loop: an invalid file keeps the last good spec running (the
+error is reported, the next valid save converges), and an unexpected exception is logged,
+reported as `pass_error`, and retried.
+
+Editors save by rename, by truncate-then-write, or in pieces, so a pass may read a half-written
+file that happens to be valid. Such a read must never take anything away: actions that only add
+(a new model's load) run at once, while everything that removes or replaces a running model, or
+changes routing, waits until the file's bytes have stood still for `server.settle_ms`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import hashlib
 import logging
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from watchfiles import awatch
 
-from reconciler import memory
+from reconciler import last_good, memory
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
-from reconciler.plan import Observed, plan, restart_changes
-from reconciler.spec import Spec, SpecError, load
+from reconciler.plan import Observed, Plan, plan, restart_changes
+from reconciler.spec import MAX_SPEC_BYTES, Problem, Spec, SpecError, loads
 from reconciler.state import ModelState
 from reconciler.store import StateStore
+from reconciler.supervisor import RestartPolicy
 
 log = logging.getLogger("xgen")
 DEBOUNCE_MS = 50
 RESYNC_S = 10.0
 GPU_SAMPLE_S = 5.0
+PASS_RETRY_S = 1.0  # after a pass failed unexpectedly
+# Actions a half-written file may trigger: they add and take nothing away.
+ADDITIVE = frozenset({"load", "add_adapter"})
+
+
+@dataclass
+class Settle:
+    """How long the file's bytes have stood still, by the daemon's own clock."""
+
+    digest: str | None = None
+    since: float = 0.0
+
+    def stable_for(self, digest: str, now: float, age: float) -> float:
+        """Seconds the content `digest` has been unchanged. `age` (from the file's mtime) is
+        trusted only for the first read, so a daemon starting on an old file need not wait."""
+        if digest != self.digest:
+            self.since = now - (age if self.digest is None else 0.0)
+            self.digest = digest
+        return now - self.since
 
 
 class Reconciler:
-    def __init__(self, path: Path, store: StateStore, executor: Executor, gpu: GpuMonitor) -> None:
-        self.path = path.resolve()
+    def __init__(
+        self,
+        path: Path,
+        store: StateStore,
+        executor: Executor,
+        gpu: GpuMonitor,
+        state_dir: Path,
+        spec: Spec | None = None,
+    ) -> None:
+        self.path = path.absolute()  # not resolved: a symlink (a ConfigMap) is re-read through
         self.shown = path  # as the operator named it: error messages quote this
         self.store = store
         self.executor = executor
         self.gpu = gpu
-        self.spec: Spec | None = None
+        self.state_dir = state_dir
+        self.spec: Spec | None = spec  # the last good, settled spec: what routing and plans use
+        self._kept = spec.generation if spec else None
+        self._settle = Settle()
+        self._due: float | None = None  # monotonic time of a pass asked for ahead (settle, retry)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -48,16 +91,14 @@ class Reconciler:
         self._wake.set()
 
     async def run(self) -> None:
-        """Until stop(): watch, resync, sample GPUs, and run passes one at a time."""
+        """Until stop(): watch, sample GPUs, and run passes one at a time."""
         async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(self._watch_file()),
-                tg.create_task(self._timer()),
-                tg.create_task(self._sample_gpus()),
-            ]
+            tasks = [tg.create_task(self._watch_file()), tg.create_task(self._sample_gpus())]
             self._wake.set()
             while not self._stop.is_set():
-                await self._wake.wait()
+                # woken, or timed out: resync, a backoff that expired, or a settle window that closed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._sleep_s())
                 self._wake.clear()
                 if self._stop.is_set():
                     break
@@ -65,20 +106,22 @@ class Reconciler:
             for task in tasks:
                 task.cancel()
 
+    def _sleep_s(self) -> float:
+        """Until the next pass nobody will ask for: resync, the earliest retry, a pass due."""
+        now = time.time()
+        waits = [RESYNC_S, *(i.retry_at - now for i in self.store.models.values() if i.retry_at and i.retry_at > now)]
+        if self._due is not None:
+            waits.append(self._due - time.monotonic())
+        return max(0.01, min(waits))
+
     async def _watch_file(self) -> None:
         async for changes in awatch(
             self.path.parent, debounce=DEBOUNCE_MS, step=10, stop_event=self._stop, recursive=False
         ):
-            if any(Path(p).name == self.path.name for _, p in changes):
+            # a symlinked file (Kubernetes swaps a `..data` link beside it) changes without an
+            # event of its own name: then any change in its directory may be it
+            if self.path.is_symlink() or any(Path(p).name == self.path.name for _, p in changes):
                 self._wake.set()
-
-    async def _timer(self) -> None:
-        """Periodic resync, and a pass when the earliest backoff of a failed model expires."""
-        while True:
-            retry = [i.retry_at for i in self.store.models.values() if i.retry_at]
-            wait = min([RESYNC_S, *(r - time.time() for r in retry)])
-            await asyncio.sleep(max(0.05, wait))
-            self._wake.set()
 
     async def _sample_gpus(self) -> None:
         while True:
@@ -103,23 +146,39 @@ class Reconciler:
         )
 
     async def reconcile(self) -> None:
-        """One pass: load the file, plan, apply, record the outcome."""
+        """One pass. Nothing raised in it ends the daemon: it is reported and the pass retried."""
+        self._due = None
         try:
-            fresh = await asyncio.to_thread(load, self.shown)
-        except (SpecError, OSError) as exc:
-            self._spec_failed(exc)
+            await self._pass()
+        except Exception as exc:
+            log.exception("a reconcile pass failed; retrying in %.0f s", PASS_RETRY_S)
+            self.store.pass_error = {
+                "at": time.time(),
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc().splitlines()[-12:],
+            }
+            self.store.publish("pass_error", self.store.pass_error)
+            self._ask_at(time.monotonic() + PASS_RETRY_S)
         else:
-            if self.store.spec_error is not None or self.spec is None:
-                self.store.publish("spec_ok", {"generation": fresh.generation})
-            self.store.spec_error = None
-            self.spec = fresh
-        spec = self.spec  # the last good one when the file is invalid now
+            self.store.pass_error = None
+
+    def _ask_at(self, when: float) -> None:
+        self._due = when if self._due is None else min(self._due, when)
+
+    async def _pass(self) -> None:
+        fresh, problems, settled = await self._read()
+        if fresh is not None and settled:
+            self._adopt(fresh)
+        elif problems is not None and settled:
+            self._spec_failed(problems)
+        spec = fresh or self.spec  # an unsettled valid file may already add what it adds
         if spec is None:
             return
-        self.store.generation = spec.generation
+        self.executor.supervisor.policy = RestartPolicy(spec.server.backoff_max_s, spec.server.backoff_reset_s)
         observed = await asyncio.to_thread(self.observe, spec)
         p = plan(spec, observed)
-        self._adopt_routing_fields(spec)
+        if spec is not self.spec:
+            p = dataclasses.replace(p, actions=tuple(a for a in p.actions if a.kind in ADDITIVE))
         shown = p.to_json()
         self.store.last_plan = shown
         if p.errors:
@@ -128,27 +187,69 @@ class Reconciler:
             self.store.publish("plan", {**shown, "applied": False})
             self.store.last_pass = {"generation": spec.generation, "ok": False, "errors": list(p.errors)}
             return
-        if p.empty:
-            ok = not any(i.state is ModelState.ERROR for i in self.store.models.values())
-        else:
-            repeated = self.store.last_pass is not None and self.store.last_pass.get("applied") == shown
-            self.store.publish("plan", {**shown, "applied": True})
-            ok = (await self.executor.apply(p)).ok
-            if repeated and ok:
-                # the same plan again after it succeeded: a bug, not a reason to spin; resync later
-                log.error("the plan did not converge after it was applied; retrying at the next resync")
-            else:
-                self.request_pass()  # confirm convergence with a fresh observation
+        ok = await self._apply(p, shown)
         for name, estimate in observed.estimates.items():  # after apply: new models exist now
             self.store.update(name, estimated_bytes=estimate)
+        self._reset_failures(spec)
         self.store.last_pass = {
             "generation": spec.generation,
             "ok": ok,
             "applied": None if p.empty else shown,
             "failed": [n for n, i in self.store.models.items() if i.state is ModelState.ERROR],
         }
-        if ok and p.empty:
+        if ok and p.empty and spec is self.spec:
             self.store.observed_generation = spec.generation
+
+    async def _apply(self, p: Plan, shown: dict[str, object]) -> bool:
+        if p.empty:
+            return not any(i.state is ModelState.ERROR for i in self.store.models.values())
+        repeated = self.store.last_pass is not None and self.store.last_pass.get("applied") == shown
+        self.store.publish("plan", {**shown, "applied": True})
+        ok = (await self.executor.apply(p)).ok
+        if repeated and ok:
+            # the same plan again after it succeeded: a bug, not a reason to spin; resync later
+            log.error("the plan did not converge after it was applied; retrying at the next resync")
+        else:
+            self.request_pass()  # confirm convergence with a fresh observation
+        return ok
+
+    async def _read(self) -> tuple[Spec | None, list[Problem] | None, bool]:
+        """The file's spec (or its problems), and whether its bytes have settled."""
+        now = time.monotonic()
+        try:
+            data, age = await asyncio.to_thread(_read_file, self.path)
+        except OSError as exc:  # e.g. gone for a moment between an editor's unlink and rename
+            data, age = f"unreadable: {exc}".encode(), 0.0
+            problems: list[Problem] | None = [Problem(str(self.shown), 1, 1, "", f"cannot read: {exc.strerror or exc}")]
+            fresh = None
+        else:
+            problems, fresh = None, None
+            try:
+                fresh = await asyncio.to_thread(loads, data, self.shown)
+            except SpecError as error:
+                problems = error.problems
+        server = (fresh or self.spec or Spec()).server
+        stable = self._settle.stable_for(hashlib.sha256(data).hexdigest(), now, age)
+        settled = stable >= server.settle_ms / 1000
+        if not settled:
+            self._ask_at(now + server.settle_ms / 1000 - stable)
+        return fresh, problems, settled
+
+    def _adopt(self, fresh: Spec) -> None:
+        """A valid file that has settled becomes the spec: routing, status, the kept copy."""
+        if self.store.spec_error is not None or self.spec is None or self.spec.generation != fresh.generation:
+            self.store.publish("spec_ok", {"generation": fresh.generation})
+        self.store.spec_error = None
+        self.spec = fresh
+        self.store.generation = fresh.generation
+        self.store.serving = {"generation": fresh.generation, "source": "file", "file": str(self.shown)}
+        if self._kept != fresh.generation:
+            try:
+                last_good.save(self.state_dir, fresh, str(self.shown))
+                self._kept = fresh.generation
+            except OSError as exc:
+                log.warning("could not keep the last good spec in %s: %s", self.state_dir, exc)
+        self._adopt_routing_fields(fresh)
 
     def _adopt_routing_fields(self, spec: Spec) -> None:
         """Fields that need no restart (aliases, timeouts) take effect at once."""
@@ -157,14 +258,32 @@ class Reconciler:
             if want is not None and want != info.spec and not restart_changes(want, info.spec):
                 self.store.update(name, spec=want)
 
-    def _spec_failed(self, exc: SpecError | OSError) -> None:
-        problems = [str(p) for p in exc.problems] if isinstance(exc, SpecError) else [f"{self.shown}: {exc}"]
-        if self.store.spec_error != problems:
+    def _reset_failures(self, spec: Spec) -> None:
+        """A model that has stayed up long enough starts its next crash from a clean count."""
+        now = time.time()
+        for name, info in list(self.store.models.items()):
+            if (
+                info.failures
+                and info.state is ModelState.LOADED
+                and now - (info.started_at or now) >= spec.server.backoff_reset_s
+            ):
+                self.store.update(name, failures=0)
+
+    def _spec_failed(self, problems: list[Problem]) -> None:
+        shown = [str(p) for p in problems]
+        if self.store.spec_error != shown:
             log.error(
                 "%s is invalid; still running generation %s:\n%s",
-                self.path,
+                self.shown,
                 self.spec.generation if self.spec else "none",
-                "\n".join(problems),
+                "\n".join(shown),
             )
-            self.store.publish("spec_error", {"problems": problems})
-        self.store.spec_error = problems
+            self.store.publish("spec_error", {"problems": shown})
+        self.store.spec_error = shown
+
+
+def _read_file(path: Path) -> tuple[bytes, float]:
+    """The file's bytes (at most one past the limit, which the loader reports) and its age."""
+    with path.open("rb") as f:
+        age = time.time() - path.stat().st_mtime
+        return f.read(MAX_SPEC_BYTES + 1), max(0.0, age)

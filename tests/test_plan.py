@@ -119,11 +119,22 @@ def test_error_with_unchanged_spec_is_retried_when_backoff_is_due() -> None:
     failed = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 2, True, "exit code 1")
     p = plan(spec, Observed({**ok.models, "chat": failed}, "chat"))
     assert kinds(p) == [("load", "chat")]
-    assert p.actions[0].reason == "retry 3 of 5 after: exit code 1"
+    assert p.actions[0].reason == "retry 3 after: exit code 1"
 
 
-def test_error_waits_for_backoff_and_gives_up_after_max_restarts() -> None:
+def test_error_waits_for_backoff_and_by_default_never_gives_up() -> None:
     spec = spec_of()
+    ok = running(spec)
+    waiting = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 1, False, "boom")
+    assert plan(spec, Observed({**ok.models, "chat": waiting}, "chat")).notes == (
+        "chat: in ERROR, retry 2 after backoff",
+    )
+    many = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 500, True, "boom")
+    assert kinds(plan(spec, Observed({**ok.models, "chat": many}, "chat"))) == [("load", "chat")]
+
+
+def test_max_restarts_is_an_opt_in_limit() -> None:
+    spec = spec_of("server:\n  max_restarts: 5\n" + SPEC)
     ok = running(spec)
     waiting = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 1, False, "boom")
     assert plan(spec, Observed({**ok.models, "chat": waiting}, "chat")).notes == (

@@ -42,6 +42,8 @@ def _loopback(request: Request) -> bool:
 def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availability]) -> dict[str, Any]:
     if store.spec_error:
         status = "spec_error"
+    elif store.pass_error:
+        status = "pass_error"
     elif any(i.state is ModelState.ERROR for i in store.models.values()):
         status = "degraded"
     elif store.converged:
@@ -65,6 +67,9 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         "loaded_models": models,
         "desired_models": {n: m.desired for n, m in spec.models.items()} if spec else {},
         "spec_error": store.spec_error,
+        "pass_error": store.pass_error,
+        "serving": store.serving,
+        "crash_looping": sorted(n for n, i in store.models.items() if i.crash_looping),
         "last_plan": store.last_plan,
         "last_pass": store.last_pass,
         "uptime_s": round(time.time() - store.started_at, 1),

@@ -12,6 +12,10 @@ from reconciler.store import StateStore
 
 REGISTRY = CollectorRegistry()
 MODEL_STATE = Gauge("xgen_model_state", "1 for the state each model is in", ["model", "state"], registry=REGISTRY)
+CRASH_LOOPING = Gauge(
+    "xgen_model_crash_looping", "1 while a model keeps failing (3+ consecutive failures)", ["model"], registry=REGISTRY
+)
+PASS_ERRORS = Counter("xgen_pass_errors_total", "Reconcile passes that failed unexpectedly", registry=REGISTRY)
 TRANSITIONS = Counter("xgen_model_transitions_total", "State transitions", ["model", "to"], registry=REGISTRY)
 LOAD_SECONDS = Histogram(
     "xgen_model_load_seconds",
@@ -38,6 +42,8 @@ GPU_UTIL = Gauge("xgen_gpu_utilization_percent", "GPU utilisation", ["gpu"], reg
 
 def observe_event(kind: str, data: dict[str, object]) -> None:
     """Update counters from a store event (called for every published event)."""
+    if kind == "pass_error":
+        PASS_ERRORS.inc()
     if kind != "state":
         return
     model, to = str(data["model"]), str(data["to"])
@@ -53,7 +59,9 @@ def observe_event(kind: str, data: dict[str, object]) -> None:
 def refresh(store: StateStore) -> None:
     """Gauges that mirror the store, set just before a scrape."""
     MODEL_STATE.clear()
+    CRASH_LOOPING.clear()
     for name, info in store.models.items():
+        CRASH_LOOPING.labels(name).set(info.crash_looping)
         for state in ModelState:
             if state is not ModelState.GONE:
                 MODEL_STATE.labels(name, state.value).set(1 if info.state is state else 0)

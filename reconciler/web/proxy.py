@@ -59,7 +59,10 @@ class Route:
 def route(
     spec: Spec, requested: str | None, endpoint: str, active: str | None, loaded: dict[str, ModelInfo]
 ) -> Route | str:
-    """The model for a request, or an error text. Pure."""
+    """The model for a request, or an error text (answered 404 model_not_found). Pure.
+
+    A name that is no model, alias or adapter is refused, so a client's typo is seen, unless
+    `server.unknown_model: active`; a request without `model` goes to the active model."""
     if requested:
         name = spec.resolve(requested)
         if name is not None:
@@ -67,6 +70,8 @@ def route(
         for base, model in spec.models.items():
             if any(a.name == requested for a in model.lora):
                 return Route(base, requested)
+        if spec.server.unknown_model == "reject":
+            return f"model '{_clip(requested)}' does not exist; this server serves: {served_names(spec)}"
     if endpoint == "embeddings":
         embedders = [n for n, m in spec.loaded.items() if m.server_type == "embedding"]
         if len(embedders) == 1:
@@ -74,13 +79,25 @@ def route(
         running = [n for n in embedders if n in loaded and loaded[n].state is ModelState.LOADED]
         if len(running) == 1:
             return Route(running[0], running[0])
-        return (
-            f"model '{requested}' is not an embedding model here; "
-            f"name one of: {', '.join(embedders) or 'none configured'}"
-        )
+        return f"name an embedding model in `model`: {', '.join(embedders) or 'none configured'}"
     if active is None:
-        return f"model '{requested}' is unknown and no active model is set (models: {', '.join(spec.models)})"
+        return f"the request names no model and no active model is set; name one of: {served_names(spec)}"
     return Route(active, active)
+
+
+def served_names(spec: Spec, limit: int = 20) -> str:
+    """Every name a request may use (models, aliases, adapters), shortened when long."""
+    names = [n for name, m in spec.models.items() for n in (name, *m.aliases, *(a.name for a in m.lora))]
+    shown = ", ".join(names[:limit]) or "no models"
+    return shown + (f" … and {len(names) - limit} more (GET /v1/models)" if len(names) > limit else "")
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+# States a wanted model passes through on its way (back) to LOADED; None: not started yet.
+WAIT_WHILE: frozenset[ModelState | None] = frozenset({ModelState.LOADING, ModelState.UNLOADING, None})
 
 
 class Proxy:
@@ -169,15 +186,16 @@ class Proxy:
         except (ValueError, AssertionError):
             return openai_error(400, "request body is not a JSON object", "invalid_request_error")
         requested = payload.get("model")
-        decision = route(
-            spec, requested if isinstance(requested, str) else None, endpoint, self.store.active, self.store.models
-        )
+        if requested is not None and not isinstance(requested, str):
+            return openai_error(400, "`model` must be a string", "invalid_request_error", "invalid_model")
+        decision = route(spec, requested, endpoint, self.store.active, self.store.models)
         if isinstance(decision, str):
             return openai_error(404, decision, "invalid_request_error", "model_not_found")
         name = decision.model
         info = self.store.models.get(name)
         if (info is None or info.state is not ModelState.LOADED) and name in spec.loaded:
-            info = await self.store.wait_for(name, spec.server.load_wait_s)
+            # loading, or between the stop and the start of a reload: hold the request
+            info = await self.store.wait_for(name, spec.server.load_wait_s, WAIT_WHILE)
         if info is None or info.state is not ModelState.LOADED or info.port is None:
             return self._unavailable(name, info, spec)
         if info.backend == "llama-server" and info.spec.lora:
@@ -202,7 +220,10 @@ class Proxy:
                 else f"model '{name}' is still starting"
             )
         elif info.state is ModelState.ERROR:
-            why = f"model '{name}' failed: {info.error_message}"
+            retry = f"; retrying in {max(0.0, info.retry_at - time.time()):.0f} s" if info.retry_at else ""
+            why = f"model '{name}' failed: {info.error_message}{retry}"
+        elif name not in spec.loaded:
+            why = f"model '{name}' is being unloaded ({'desired: unloaded' if name in spec.models else 'removed'})"
         else:
             why = f"model '{name}' is {info.state.value} (waited {spec.server.load_wait_s:.0f} s)"
         metrics.REQUESTS.labels(name, "503").inc()
