@@ -59,17 +59,27 @@ def test_streamed_chat(client: openai.OpenAI) -> None:
     assert len(chunks) > 3 and text
 
 
-def test_unknown_model_goes_to_the_active_one(client: openai.OpenAI) -> None:
-    reply = client.completions.create(model="whatever", prompt="Once upon a time", max_tokens=6)
-    assert reply.model == "smollm2"
-    assert reply.choices[0].text
+def test_unknown_model_is_404_naming_what_is_served(client: openai.OpenAI, proxy_daemon: Daemon) -> None:
+    for name in ("whatever", "../../etc/passwd", "x" * 100_000):
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.completions.create(model=name, prompt="Once upon a time", max_tokens=6)
+        error = caught.value.body
+        assert isinstance(error, dict) and error["code"] == "model_not_found"
+        assert "this server serves: smollm2, default, gpt-4o-mini, embedder, text-embedding-3-small" in error["message"]
+        assert len(error["message"]) < 300
+    no_model = proxy_daemon.http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 6})
+    assert no_model.status_code == 200 and no_model.json()["model"] == "smollm2"  # the active model
+    wrong_type = proxy_daemon.http.post("/v1/completions", json={"model": 7, "prompt": "x"})
+    assert wrong_type.status_code == 400 and wrong_type.json()["error"]["code"] == "invalid_model"
 
 
-def test_embeddings_by_name_and_by_default(client: openai.OpenAI) -> None:
+def test_embeddings_by_name_and_by_default(client: openai.OpenAI, proxy_daemon: Daemon) -> None:
     named = client.embeddings.create(model="text-embedding-3-small", input=["hello", "world"])
     assert [len(d.embedding) for d in named.data] == [576, 576]
-    default = client.embeddings.create(model="not-a-model", input="hello")
-    assert default.data[0].embedding == pytest.approx(named.data[0].embedding, abs=1e-4)
+    default = proxy_daemon.http.post("/v1/embeddings", json={"input": "hello"}).json()
+    assert default["data"][0]["embedding"] == pytest.approx(named.data[0].embedding, abs=1e-4)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="not-a-model", input="hello")
 
 
 def test_models_list_has_every_loaded_model_and_alias(client: openai.OpenAI) -> None:

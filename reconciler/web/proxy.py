@@ -189,6 +189,11 @@ class Proxy:
         if requested is not None and not isinstance(requested, str):
             return openai_error(400, "`model` must be a string", "invalid_request_error", "invalid_model")
         decision = route(spec, requested, endpoint, self.store.active, self.store.models)
+        if isinstance(decision, str) and self.store.settling:
+            # a save is settling: a model it adds becomes routable within settle_ms
+            await self.store.wait_settled(spec.server.settle_ms / 1000 + 1.0)
+            spec = self.get_spec() or spec
+            decision = route(spec, requested, endpoint, self.store.active, self.store.models)
         if isinstance(decision, str):
             return openai_error(404, decision, "invalid_request_error", "model_not_found")
         name = decision.model
