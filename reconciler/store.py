@@ -42,6 +42,7 @@ class StateStore:
     last_pass: dict[str, Any] | None = None
     pass_error: dict[str, Any] | None = None  # the last pass that failed unexpectedly, until one succeeds
     serving: dict[str, Any] | None = None  # which spec runs: from the file, or the last good one kept
+    settling: bool = False  # the file changed less than settle_ms ago: routing may be about to change
     gpu: dict[str, Any] = field(default_factory=lambda: {"detector": "cpu", "total": 0, "gpus": []})
     started_at: float = field(default_factory=time.time)
     _events: deque[Event] = field(default_factory=deque)
@@ -159,6 +160,21 @@ class StateStore:
             left = deadline - time.monotonic()
             if (info.state if info else None) not in passing or left <= 0 or self.closed:
                 return info
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+
+    def set_settling(self, settling: bool) -> None:
+        if self.settling != settling:
+            self.settling = settling
+            self._notify()
+
+    async def wait_settled(self, timeout: float) -> None:
+        """Until the file has settled (its new routing is in place), or the timeout."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        deadline = time.monotonic() + timeout
+        while self.settling and not self.closed and (left := deadline - time.monotonic()) > 0:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)

@@ -233,6 +233,7 @@ class Reconciler:
         settled = stable >= server.settle_ms / 1000
         if not settled:
             self._ask_at(now + server.settle_ms / 1000 - stable)
+        self.store.set_settling(not settled)
         return fresh, problems, settled
 
     def _adopt(self, fresh: Spec) -> None:

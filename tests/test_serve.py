@@ -122,7 +122,7 @@ def test_killed_backend_goes_to_error_then_back_to_loaded(daemon: Daemon) -> Non
     pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     os.kill(pid, signal.SIGKILL)
     status = daemon.until(lambda s: s["loaded_models"][0]["state"] == "ERROR", 20, "ERROR")
-    assert status["loaded_models"][0]["error_message"].startswith("process exited with code -9")
+    assert status["loaded_models"][0]["error_message"].startswith("process killed by SIGKILL after")
     status = daemon.until(lambda s: s["loaded_models"] and s["loaded_models"][0]["state"] == "LOADED"
                           and s["loaded_models"][0]["pid"] != pid, 30, "the restart")
     assert status["loaded_models"][0]["restarts"] == 1

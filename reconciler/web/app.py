@@ -46,6 +46,8 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         status = "pass_error"
     elif any(i.state is ModelState.ERROR for i in store.models.values()):
         status = "degraded"
+    elif store.settling:
+        status = "settling"  # a save is less than settle_ms old: changes that take away wait
     elif store.converged:
         status = "converged"
     else:
@@ -68,6 +70,7 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         "desired_models": {n: m.desired for n, m in spec.models.items()} if spec else {},
         "spec_error": store.spec_error,
         "pass_error": store.pass_error,
+        "settling": store.settling,
         "serving": store.serving,
         "crash_looping": sorted(n for n, i in store.models.items() if i.crash_looping),
         "last_plan": store.last_plan,
