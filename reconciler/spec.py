@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SPEC_VERSION = 1
 # Bounds on what one save may cost the daemon: a models.yaml of hundreds of models is ~100 KB.
 MAX_SPEC_BYTES = 1024 * 1024
-MAX_NODES = 50_000  # YAML values read, counting every expansion of an alias (a "billion laughs" file)
+MAX_NODES = 50_000  # YAML values read: a file of ~4,000 models
+MAX_ALIASED = 5_000  # values read again through an alias: a "billion laughs" file stops here, cheaply
 # Plain YAML only: an explicit tag such as !!python/object is refused, never constructed.
 _TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "timestamp"))
 BACKENDS = ("llama-server", "vllm", "transformers")
@@ -282,6 +283,8 @@ class _Reader:
         self.positions: dict[Loc, tuple[int, int]] = {}
         self.problems: list[Problem] = []
         self.nodes = 0
+        self.aliased = 0
+        self._seen: set[int] = set()
         self._open: set[int] = set()  # nodes being read: an alias to one of them is a cycle
 
     def problem(self, loc: Loc, message: str) -> None:
@@ -296,8 +299,11 @@ class _Reader:
     def read(self, node: yaml.Node, loc: Loc) -> Any:
         self.positions[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
         self.nodes += 1
-        if self.nodes > MAX_NODES:
-            raise _TooBig(loc)
+        if id(node) in self._seen:
+            self.aliased += 1
+        self._seen.add(id(node))
+        if self.nodes > MAX_NODES or self.aliased > MAX_ALIASED:
+            raise _TooBig(loc, self.aliased > MAX_ALIASED)
         if node.tag not in _TAGS:
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
             self.problem(loc, f"tag '{tag}' is not allowed (models.yaml holds plain YAML values only)")
@@ -358,10 +364,16 @@ class _Reader:
 
 
 class _TooBig(Exception):
-    """The file expands to more than MAX_NODES values (aliases count each time they are used)."""
+    """The file holds more than MAX_NODES values, or aliases repeat more than MAX_ALIASED."""
 
-    def __init__(self, loc: Loc) -> None:
+    def __init__(self, loc: Loc, aliases: bool) -> None:
         self.loc = loc
+        self.message = (
+            f"aliases repeat more than {MAX_ALIASED} values (a file that expands like this is refused); "
+            "write it out or use fewer aliases"
+            if aliases
+            else f"the file holds more than {MAX_NODES} values; is this really models.yaml?"
+        )
 
 
 def _dotted(loc: Loc) -> str:
@@ -378,11 +390,7 @@ def parse(text: str, file: str = "models.yaml", env: Mapping[str, str] | None = 
     try:
         data = reader.read(root, ()) if root is not None else {}
     except _TooBig as exc:
-        reader.problem(
-            exc.loc,
-            f"the file expands to more than {MAX_NODES} values (aliases count each time they are used); "
-            "write it out or use fewer aliases",
-        )
+        reader.problem(exc.loc, exc.message)
         raise SpecError(reader.problems[-1:]) from None
     except RecursionError:
         raise SpecError([Problem(file, 1, 1, "", "values nest too deeply to read")]) from None

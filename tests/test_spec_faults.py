@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.spec import MAX_NODES, MAX_SPEC_BYTES, Spec, SpecError, declared_state_dir, loads
+from reconciler.spec import MAX_ALIASED, MAX_NODES, MAX_SPEC_BYTES, Spec, SpecError, declared_state_dir, loads
 
 VALID = b"""\
 version: 1
@@ -54,13 +54,14 @@ def billion_laughs(levels: int = 9, width: int = 9) -> bytes:
         (b"models:\n  a: !!python/object/apply:os.system [ls]\n", "models.yaml:2:6: models.a: tag '!!python/object"),
         (b"a: &a [*a]\n", "models.yaml:1:4: a.0: an alias refers to a value that contains it (a cycle)"),
         (b"[" * 5000 + b"]" * 5000, "models.yaml:1:1: invalid YAML: values nest too deeply to read"),
-        (billion_laughs(), f"the file expands to more than {MAX_NODES} values"),
+        (billion_laughs(), f"aliases repeat more than {MAX_ALIASED} values"),
+        (b"models: [" + b"0," * 60_000 + b"0]\n", f"the file holds more than {MAX_NODES} values"),
         (b"#" * (MAX_SPEC_BYTES + 1), "the file is larger than 1024 KiB"),
         (b"models:\n  ? [a, b]\n  : {path: x.gguf}\n", "models.yaml:2:5: models: a key must be a plain name"),
         (b"models: {a: {path: 2024-13-45}}\n", "models.a.path: cannot read this value"),
     ],
     ids=["not-utf8", "control-char", "python-tag", "python-tag-in-map", "alias-cycle", "deep", "alias-bomb",
-         "too-big", "complex-key", "bad-timestamp"],
+         "too-many-values", "too-big", "complex-key", "bad-timestamp"],
 )
 def test_hostile_files_are_located_spec_errors(data: bytes, expected: str) -> None:
     t0 = time.monotonic()

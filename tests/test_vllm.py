@@ -4,10 +4,14 @@ editing models.yaml becomes routable without restarting the base model."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
+import psutil
 import pytest
 from conftest import Daemon, pid_alive
 
@@ -85,6 +89,35 @@ def test_embedding_model_on_the_pooling_runner(vllm_daemon: Daemon) -> None:
     assert [len(v.embedding) for v in vectors] == [128, 128]
     vllm_daemon.converged(vllm_daemon.write(SPEC), timeout=120)
     assert vllm_daemon.model("tiny-embed") is None
+
+
+def _group(pgid: int) -> list[int]:
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+    return found
+
+
+def test_daemon_sigkill_then_restart_leaves_one_vllm(vllm_daemon: Daemon) -> None:
+    """vLLM runs its engine in processes of its own. The parent-death signal reaches only the
+    API server, so a SIGKILLed daemon can leave the engine behind: the next daemon ends it."""
+    pid = vllm_daemon.model("tiny-vllm")["pid"]  # type: ignore[index]
+    before = _group(pid)
+    assert len(before) >= 2, before  # the API server and at least one engine process
+    assert vllm_daemon.proc is not None
+    vllm_daemon.proc.kill()
+    vllm_daemon.proc.wait()
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    vllm_daemon.launch(SPEC, timeout=600)
+    assert not any(pid_alive(p) for p in before), [p for p in before if pid_alive(p)]
+    new = vllm_daemon.model("tiny-vllm")["pid"]  # type: ignore[index]
+    python = str(vllm_daemon.vars["VLLM"])
+    running = [p.pid for p in psutil.process_iter(["exe", "cmdline"]) if python in " ".join(p.info["cmdline"] or [])]
+    assert running and all(os.getpgid(p) == new for p in running), (running, new)
 
 
 def test_unload_stops_vllm(vllm_daemon: Daemon) -> None:

@@ -1,0 +1,300 @@
+"""Reliability under faults: the real daemon and llama-server while clients keep sending requests.
+
+Clients send chat requests (max_tokens 1) to `stable`, a model whose entry never changes, for the
+whole run. Meanwhile the script does, in order:
+
+1. quiet: nothing (the baseline: requests/s and failures with no fault);
+2. saves: SAVES random saves of models.yaml, each one of: a valid edit of `churn` (n_ctx, aliases,
+   loaded/unloaded), the active model switched, a torn in-place write (two pieces, 0-50 ms
+   apart), random bytes, non-UTF-8, a python tag, an alias cycle, an alias bomb, a truncation.
+   Goal: 0 daemon exits, 0 failed requests to `stable`, `stable` never restarted;
+3. backend kills: kill -9 of `churn`'s llama-server three times: time from the kill to LOADED;
+4. a launch change of `stable` (n_ctx) under load: requests failed and the longest stall;
+5. kill -9 of the daemon, then a restart: time to the first answer, and backend processes left
+   (exactly one per model).
+
+Prints a Markdown table (docs/reliability.md has one). Usage:
+    python benchmarks/reliability.py [--saves 1000] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from net import free_port
+from test_spec_faults import billion_laughs
+from tinygguf import write_tiny_llama
+
+from reconciler.install import default_model_path
+
+BASE = """\
+server: {{port: {port}, port_range: [{low}, {high}], stop_grace_s: 5}}
+models:
+  stable:
+    path: {model}
+    n_ctx: {stable_ctx}
+    aliases: [default]
+  churn:
+    path: {tiny}
+    n_ctx: {n_ctx}
+    aliases: [{aliases}]
+    desired: {desired}
+active: {active}
+"""
+
+
+class Clients:
+    """Threads sending requests to `stable`; every answer is recorded with its time."""
+
+    def __init__(self, url: str, count: int) -> None:
+        self.url = url
+        self.results: list[tuple[float, float, int]] = []  # start, end, status (0: no answer)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        body = {"model": "stable", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(timeout=60) as http:
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    status = http.post(f"{self.url}/v1/chat/completions", json=body).status_code
+                except httpx.HTTPError:
+                    status = 0
+                with self.lock:
+                    self.results.append((t0, time.monotonic(), status))
+                if status != 200:
+                    time.sleep(0.05)
+
+    def window(self, start: float, end: float) -> list[tuple[float, float, int]]:
+        with self.lock:
+            return [r for r in self.results if start <= r[0] < end]
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=70)
+
+
+class Daemon:
+    def __init__(self, work: Path, clients: int) -> None:
+        self.work = work
+        self.file = work / "models.yaml"
+        self.port = free_port()
+        self.low = 31000 + os.getpid() % 500 * 20
+        self.vars: dict[str, Any] = {
+            "port": self.port, "low": self.low, "high": self.low + 19, "model": default_model_path(),
+            "tiny": write_tiny_llama(work / "tiny.gguf"), "n_ctx": 256, "aliases": "c", "desired": "loaded",
+            "active": "stable", "stable_ctx": 1024,
+        }
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exits = 0
+
+    def text(self, **over: Any) -> str:
+        return BASE.format(**{**self.vars, **over})
+
+    def save(self, data: bytes) -> None:
+        tmp = self.file.with_name(".models.yaml.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.file)
+
+    def start(self) -> None:
+        log = (self.work / "daemon.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", "models.yaml"],
+                                     cwd=self.work, stdout=log, stderr=subprocess.STDOUT)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.http.get("/api/management/status").json()
+        return result
+
+    def wait(self, check: Any, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise SystemExit(f"the daemon exited with {self.proc.returncode}; see {self.work / 'daemon.log'}")
+            try:
+                status = self.status()
+                if check(status):
+                    return status
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.02)
+        raise SystemExit("timed out; see " + str(self.work / "daemon.log"))
+
+    def model(self, name: str) -> dict[str, Any]:
+        return next(m for m in self.status()["loaded_models"] if m["name"] == name)
+
+    def converged(self) -> dict[str, Any]:
+        from reconciler.spec import load
+
+        generation = load(self.file).generation
+        return self.wait(lambda s: s["observed_generation"] == generation and s["status"] == "converged")
+
+
+def random_save(d: Daemon, rng: random.Random) -> str:
+    kind = rng.choice(["edit", "edit", "edit", "active", "torn", "torn", "bytes", "utf8", "tag", "cycle", "bomb",
+                       "cut"])
+    valid = d.text(n_ctx=rng.choice([256, 320, 384]), aliases=rng.choice(["c", "c2", "c, c3"]),
+                   desired=rng.choice(["loaded", "loaded", "unloaded"]))
+    if kind == "edit":
+        d.save(valid.encode())
+    elif kind == "active":
+        d.save(valid.replace("active: stable", "active: churn" if "desired: loaded" in valid else "active: stable")
+               .encode())
+    elif kind == "torn":
+        data = valid.encode()
+        cut = rng.randrange(1, len(data))
+        with d.file.open("wb") as f:
+            f.write(data[:cut])
+            f.flush()
+            time.sleep(rng.choice([0, 0.01, 0.025, 0.05]))
+            f.write(data[cut:])
+    elif kind == "bytes":
+        d.save(rng.randbytes(rng.randrange(1, 400)))
+    elif kind == "utf8":
+        d.save(b"version: 1\n\xff\xfe garbage\n")
+    elif kind == "tag":
+        d.save(b"- !!python/object:os.system ls\n")
+    elif kind == "cycle":
+        d.save(b"a: &a [*a]\n")
+    elif kind == "bomb":
+        d.save(billion_laughs())
+    else:
+        d.save(valid.encode()[: rng.randrange(1, len(valid))])
+    return kind
+
+
+def backends(d: Daemon) -> list[int]:
+    """llama-server processes listening in this daemon's port range."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if argv and argv[0].endswith("llama-server") and "--port" in argv:
+            port = int(argv[argv.index("--port") + 1])
+            if d.low <= port <= d.low + 19:
+                found.append(proc.pid)
+    return found
+
+
+def first_answer_after(clients: Clients, t0: float, timeout: float = 60) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answered = [end for start, end, status in clients.window(t0, float("inf")) if status == 200]
+        if answered:
+            return min(answered)
+        time.sleep(0.02)
+    raise SystemExit("no answer after the restart")
+
+
+def summarize(rows: list[tuple[float, float, int]]) -> tuple[int, int, float]:
+    failed = sum(1 for r in rows if r[2] != 200)
+    stall = max((r[1] - r[0] for r in rows), default=0.0)
+    return len(rows), failed, stall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--saves", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="xgen-reliability-"))
+    d = Daemon(work, args.clients)
+    d.save(d.text().encode())
+    d.start()
+    d.converged()
+    stable_pid = d.model("stable")["pid"]
+    clients = Clients(f"http://127.0.0.1:{d.port}", args.clients)
+    table: list[tuple[str, str, str, str]] = []
+
+    t0 = time.monotonic()
+    time.sleep(5)
+    quiet = summarize(clients.window(t0, time.monotonic()))
+    quiet_rps = quiet[0] / (time.monotonic() - t0)
+    table.append(("none (baseline)", f"{quiet[0]} requests, {quiet_rps:.0f}/s", "-", f"{quiet[1]} failed"))
+
+    t0 = time.monotonic()
+    kinds: dict[str, int] = {}
+    for _ in range(args.saves):
+        kind = random_save(d, rng)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        time.sleep(rng.uniform(0.005, 0.08))
+        if d.proc is not None and d.proc.poll() is not None:
+            d.exits += 1
+            break
+    d.save(d.text().encode())
+    d.converged()
+    churn_s = time.monotonic() - t0
+    n, failed, stall = summarize(clients.window(t0, time.monotonic()))
+    restarted = d.model("stable")["pid"] != stable_pid
+    table.append((
+        f"{args.saves} random saves in {churn_s:.0f} s ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})",
+        f"daemon exits {d.exits}; `stable` restarted: {'yes' if restarted else 'no'}",
+        "-",
+        f"{failed} of {n} failed; {n / churn_s / quiet_rps:.2f}x quiet throughput; longest {stall * 1000:.0f} ms",
+    ))
+
+    for i in range(3):
+        pid = d.model("churn")["pid"]
+        t0 = time.monotonic()
+        os.kill(pid, 9)
+        d.wait(lambda s, p=pid: any(m["name"] == "churn" and m["state"] == "LOADED" and m["pid"] != p
+                                    for m in s["loaded_models"]))
+        recover = time.monotonic() - t0
+        n, failed, _ = summarize(clients.window(t0, time.monotonic()))
+        table.append((f"kill -9 of a backend (`churn`, crash {i + 1})", "ERROR, restarted after the backoff",
+                      f"{recover:.2f} s", f"{failed} of {n} to `stable` failed"))
+
+    t0 = time.monotonic()
+    d.save(d.text(stable_ctx=2048).encode())
+    d.converged()
+    time.sleep(0.5)
+    n, failed, stall = summarize(clients.window(t0, time.monotonic()))
+    table.append(("launch change of `stable` (n_ctx) under load", "drain, stop, start; requests held meanwhile",
+                  f"{time.monotonic() - t0:.2f} s", f"{failed} of {n} failed; longest {stall * 1000:.0f} ms"))
+
+    assert d.proc is not None
+    groups = [m["pid"] for m in d.status()["loaded_models"]]
+    d.proc.kill()
+    d.proc.wait()
+    t0 = time.monotonic()
+    d.start()
+    d.wait(lambda s: s["loaded_models"] and all(m["state"] == "LOADED" for m in s["loaded_models"]))
+    first = first_answer_after(clients, t0)
+    alive_old = [g for g in groups if psutil.pid_exists(g)]
+    table.append(("kill -9 of the daemon, then a restart",
+                  f"old backends left: {len(alive_old)}; llama-server processes now: {len(backends(d))} "
+                  f"for {len(d.status()['loaded_models'])} models", f"{first - t0:.2f} s to the first answer",
+                  "(daemon down meanwhile)"))
+
+    clients.close()
+    d.proc.terminate()
+    d.proc.wait(timeout=60)
+    print("| fault | what xgen did | time to recover | requests |")
+    print("|---|---|---|---|")
+    for row in table:
+        print("| " + " | ".join(row) + " |")
+    print(json.dumps({"work": str(work), "quiet_rps": round(quiet_rps, 1)}))
+
+
+if __name__ == "__main__":
+    main()
