@@ -8,6 +8,7 @@ expected.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -385,6 +386,15 @@ def _dotted(loc: Loc) -> str:
 
 def parse(text: str, file: str = "models.yaml", env: Mapping[str, str] | None = None) -> Spec:
     """Validate the text of a models.yaml; raise SpecError listing every problem."""
+    spec, reader = _parse(text, file, env)
+    if reader.problems or spec is None:
+        raise SpecError(reader.problems)
+    return spec
+
+
+def _parse(text: str, file: str, env: Mapping[str, str] | None) -> tuple[Spec | None, _Reader]:
+    """The spec holding every part that validated (None if nothing usable), and the reader that
+    holds every problem (and the positions, for problems found later)."""
     reader = _Reader(file, os.environ if env is None else env)
     root = _compose(text, file)
     try:
@@ -403,9 +413,7 @@ def parse(text: str, file: str = "models.yaml", env: Mapping[str, str] | None = 
     spec, invalid = _validate(data, reader)
     if spec is not None:
         _cross_checks(spec, invalid, reader)
-    if reader.problems or spec is None:
-        raise SpecError(reader.problems)
-    return spec
+    return spec, reader
 
 
 def _compose(text: str, file: str) -> yaml.Node | None:
@@ -463,11 +471,12 @@ def _alias_positions(reader: _Reader, src: Loc, dst: Loc) -> None:
             reader.positions[dst + loc[len(src) :]] = pos
 
 
-def _validate(data: dict[str, Any], reader: _Reader) -> tuple[Spec | None, set[str]]:
-    """Pydantic validation, each model on its own so that one bad model hides nothing else.
+def _validate(data: dict[str, Any], reader: _Reader) -> tuple[Spec | None, dict[str, list[str]]]:
+    """Pydantic validation, each model on its own so that one bad model hides nothing else, and
+    the top level without the keys that failed, so the rules across models still run.
 
-    Returns the spec holding the models that validated (None if the top level is invalid) and
-    the names of the models that did not.
+    Returns the spec holding what validated (None if even that fails) and the models that did
+    not, with the aliases they declare (so names they own are not reported as unknown).
     """
     models = data.get("models") if isinstance(data.get("models"), dict) else None
     top = {**data, "models": {}} if models is not None else data
@@ -476,13 +485,18 @@ def _validate(data: dict[str, Any], reader: _Reader) -> tuple[Spec | None, set[s
         spec = Spec.model_validate(top)
     except ValidationError as exc:
         _report(exc, (), reader)
+        failed = {err["loc"][0] for err in exc.errors() if err["loc"]}
+        with contextlib.suppress(ValidationError):
+            spec = Spec.model_validate({k: v for k, v in top.items() if k not in failed})
     good: dict[str, ModelSpec] = {}
+    bad: dict[str, list[str]] = {}
     for name, raw in (models or {}).items():
         try:
             good[name] = ModelSpec.model_validate(raw if raw is not None else {})
         except ValidationError as exc:
             _report(exc, ("models", name), reader)
-    bad = set(models or {}) - set(good)
+            aliases = raw.get("aliases") if isinstance(raw, dict) else None
+            bad[name] = [a for a in aliases if isinstance(a, str)] if isinstance(aliases, list) else []
     return (spec.model_copy(update={"models": good}) if spec else None), bad
 
 
@@ -549,9 +563,9 @@ def _valid_keys(loc: Loc) -> list[str]:
 # ---------------------------------------------------------------- cross-field rules
 
 
-def _cross_checks(spec: Spec, invalid: set[str], reader: _Reader) -> None:
+def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) -> None:
     """Rules across fields and models. `invalid` models were already reported; they are
-    skipped here, but their names still count as known."""
+    skipped here, but their names and aliases still count as known."""
     owner: dict[str, str] = {}
     ports: dict[int, str] = {}
     for name, model in spec.models.items():
@@ -593,7 +607,7 @@ def _cross_checks(spec: Spec, invalid: set[str], reader: _Reader) -> None:
                 )
     if spec.active is not None:
         target = spec.resolve(spec.active)
-        if target is None and spec.active in invalid:
+        if target is None and (spec.active in invalid or any(spec.active in a for a in invalid.values())):
             pass
         elif target is None:
             names = ", ".join([*spec.models, *sorted(invalid)]) or "none defined"
@@ -654,15 +668,16 @@ def loads(data: bytes, path: str | Path, env: Mapping[str, str] | None = None) -
         raise SpecError(
             [Problem(file, line, col, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8")]
         ) from None
-    spec = parse(text, file, env)
-    return _resolve_paths(spec, text, file, Path(path).resolve().parent, os.environ if env is None else env)
+    spec, reader = _parse(text, file, env)
+    if spec is not None:
+        spec = _resolve_paths(spec, Path(path).resolve().parent, reader)
+    if reader.problems or spec is None:
+        raise SpecError(reader.problems)
+    return spec
 
 
-def _resolve_paths(spec: Spec, text: str, file: str, base: Path, env: Mapping[str, str]) -> Spec:
-    reader = _Reader(file, env)  # read again only for the positions of the path fields
-    root = _compose(text, file)
-    if root is not None:
-        reader.read(root, ())
+def _resolve_paths(spec: Spec, base: Path, reader: _Reader) -> Spec:
+    """Paths made absolute and checked on this host; problems go to `reader`."""
     models: dict[str, ModelSpec] = {}
     for name, model in spec.models.items():
         if model.path is None:
@@ -678,8 +693,6 @@ def _resolve_paths(spec: Spec, text: str, file: str, base: Path, env: Mapping[st
         for i, adapter in enumerate(model.lora):
             if not _resolve_plain(Path(adapter.path).expanduser(), base).exists():
                 reader.problem(("models", name, "lora", i, "path"), f"adapter not found: {adapter.path}")
-    if reader.problems:
-        raise SpecError(reader.problems)
     return spec.model_copy(update={"models": models})
 
 
@@ -701,7 +714,22 @@ def _resolve(path: Path, base: Path, model: ModelSpec) -> tuple[Path, str | None
             return full, f"{full} holds neither a .gguf file nor a Hugging Face model (config.json)"
     elif model.backend == "llama-server" and full.suffix.lower() != ".gguf":
         return full, f"{full} is not a .gguf file; llama-server serves GGUF files"
+    if full.is_file() and full.suffix.lower() == ".gguf":
+        return full, _gguf_problem(full)
     return full, None
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """A file named .gguf that is not one (a download cut short, an HTML error page) fails at load
+    time with a message buried in the backend's log: say so now."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if head != b"GGUF":
+        return f"{path} is not a GGUF file (it starts with {head!r}, a GGUF file with b'GGUF')"
+    return None
 
 
 def declared_state_dir(data: bytes) -> str | None:

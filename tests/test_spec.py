@@ -199,3 +199,39 @@ def test_examples_validate(example: Path, tmp_path: Path) -> None:
                 Path(model.path).mkdir(parents=True, exist_ok=True)
                 (Path(model.path) / "config.json").write_text("{}")
     load(example, env)
+
+
+def test_every_problem_in_one_run_even_beside_a_bad_top_level_key() -> None:
+    text = """\
+server:
+  port: banana
+models:
+  a:
+    n_ctx: 512
+active: c
+"""
+    assert problems(text) == [
+        "m.yaml:2:3: server.port: found 'banana', expected an integer",
+        "m.yaml:4:3: models.a.path: set exactly one of 'path' (a local file or directory) or 'hf_id'",
+        "m.yaml:6:1: active: found 'c', expected the name or alias of a model (models: a)",
+    ]
+
+
+def test_an_alias_of_an_invalid_model_is_not_reported_as_unknown() -> None:
+    text = "models:\n  big:\n    path: b.gguf\n    n_ctx: banana\n    aliases: [tiny]\nactive: tiny\n"
+    assert problems(text) == ["m.yaml:4:5: models.big.n_ctx: found 'banana', expected an integer"]
+
+
+def test_load_reports_host_problems_beside_parse_problems(tmp_path: Path) -> None:
+    (tmp_path / "page.gguf").write_text("<html>Not Found</html>")
+    (tmp_path / "m.yaml").write_text(
+        "models:\n  a:\n    path: gone.gguf\n  b:\n    path: b.gguf\n    n_ctx: banana\n"
+        "  c:\n    path: page.gguf\n"
+    )
+    with pytest.raises(SpecError) as info:
+        load(tmp_path / "m.yaml")
+    text = [str(p) for p in info.value.problems]
+    assert text[0].startswith(f"{tmp_path / 'm.yaml'}:3:5: models.a.path: not found:")
+    assert text[1].endswith("models.b.n_ctx: found 'banana', expected an integer")
+    assert text[2].endswith(f"models.c.path: {tmp_path / 'page.gguf'} is not a GGUF file (it starts with b'<htm', "
+                            "a GGUF file with b'GGUF')")
