@@ -15,6 +15,7 @@ Usage: python benchmarks/serve_bench.py   (needs `xgen install` done)
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import statistics
@@ -192,7 +193,8 @@ def main() -> None:
         children = sum(psutil.Process(m["pid"]).memory_info().rss for m in status["loaded_models"]) / 2**20
         print(f"daemon RSS with 2 models loaded: {rss:.1f} MB (goal < 80 MB; children excluded, they use "
               f"{children:.0f} MB); baseline, a bare Python interpreter: {bare_rss:.1f} MB "
-              f"(xgen = {rss / bare_rss:.1f}x)")
+              f"(xgen = {rss / bare_rss:.1f}x); GPU detector that answered: {status['gpu_info']['detector']}, "
+              f"torch installed: {importlib.util.find_spec('torch') is not None}")
     finally:
         daemon.terminate()
         daemon.wait(30)

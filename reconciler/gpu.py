@@ -1,14 +1,20 @@
 """GPU facts: a detector chain amdsmi → pynvml → torch (HIP, CUDA) → CPU only.
 
 Each detector is optional: an ImportError or a driver error falls through to the next (logged
-once, at debug). The chosen detector and its handles are kept, so a sample every 5 s is cheap.
+once, at debug). torch is only asked in a subprocess, so the daemon never carries it. The chosen
+detector and its handles are kept, so a sample every 5 s is cheap.
 `XGEN_GPU_DETECTORS` (comma-separated names) restricts the chain, e.g. `cpu` to ignore GPUs.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -132,28 +138,47 @@ class _Amdsmi:
         return {}
 
 
+_TORCH_PROBE = """
+import json, torch
+hip = bool(getattr(torch.version, "hip", None))
+devices = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())] \\
+    if torch.cuda.is_available() else []
+print(json.dumps({"hip": hip, "devices": [[d.name, d.total_memory] for d in devices]}))
+"""
+
+
+@functools.cache
+def _torch_devices() -> tuple[bool, tuple[tuple[str, int], ...]]:
+    """(is HIP, [(name, total bytes)]) from torch, asked in a short-lived subprocess: importing
+    torch costs ~200 MB of RSS that the daemon would keep for ever."""
+    try:
+        run = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=120)
+        found = json.loads(run.stdout.strip().splitlines()[-1])
+        return bool(found["hip"]), tuple((str(n), int(t)) for n, t in found["devices"])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError, KeyError, TypeError) as exc:
+        raise DetectorUnavailable(f"torch: the probe failed: {exc}") from exc
+
+
 class _Torch:
     """Last resort: names and totals only (used memory would need a CUDA context per GPU)."""
 
     def __init__(self, hip: bool) -> None:
         self.name = "torch-hip" if hip else "torch-cuda"
         try:
-            import torch
-
-            is_hip = bool(getattr(torch.version, "hip", None))
-            if is_hip != hip or not torch.cuda.is_available():
-                raise DetectorUnavailable(f"{self.name}: no device")
-            self.props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-        except DetectorUnavailable:
-            raise
-        except Exception as exc:
-            raise DetectorUnavailable(f"{self.name}: {exc}") from exc
+            installed = importlib.util.find_spec("torch") is not None
+        except ValueError:  # in sys.modules as None: unusable
+            installed = False
+        if not installed:
+            raise DetectorUnavailable(f"{self.name}: torch is not installed")
+        is_hip, self.devices = _torch_devices()
+        if is_hip != hip or not self.devices:
+            raise DetectorUnavailable(f"{self.name}: no device")
         self.vendor = "amd" if hip else "nvidia"
 
     def sample(self) -> tuple[GpuInfo, ...]:
         return tuple(
-            GpuInfo(index=i, name=p.name, vendor=self.vendor, memory_total=int(p.total_memory), detector=self.name)
-            for i, p in enumerate(self.props)
+            GpuInfo(index=i, name=name, vendor=self.vendor, memory_total=total, detector=self.name)
+            for i, (name, total) in enumerate(self.devices)
         )
 
     def process_memory(self, pids: Iterable[int]) -> dict[int, int]:
