@@ -1,0 +1,3 @@
+"""xgen: a declarative control plane for local LLM inference servers."""
+
+__version__ = "0.1.0"

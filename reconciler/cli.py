@@ -7,9 +7,11 @@ Exit codes are part of the interface: 0 ok (plan: no changes), 1 error, 2 (plan
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -18,30 +20,49 @@ from typing import Any
 
 import httpx
 
+from reconciler import __version__
 from reconciler import spec as specmod
-from reconciler.plan import Observed, Plan, plan, render_json, render_text
+from reconciler.plan import PLAN_FORMAT_VERSION, Observed, Plan, plan, render_json, render_text
 
 DEFAULT_FILE = "models.yaml"
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "models.schema.json"
 
 
-def _load_or_report(path: str, host_checks: bool = True) -> specmod.Spec | None:
+def _load_or_report(path: str, host_checks: bool = True, as_json: bool = False) -> specmod.Spec | None:
+    """The spec, or None after printing every problem (as JSON on stdout with `as_json`)."""
     try:
         if host_checks:
             return specmod.load(path)
         return specmod.parse(Path(path).read_text(encoding="utf-8"), path)
     except specmod.SpecError as exc:
-        print(exc, file=sys.stderr)
+        if as_json:
+            problems = [dataclasses.asdict(p) for p in exc.problems]
+            print(json.dumps({"format_version": PLAN_FORMAT_VERSION, "valid": False, "problems": problems}, indent=2))
+        else:
+            print(exc, file=sys.stderr)
     except OSError as exc:
-        print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        if as_json:
+            problem = {"file": path, "line": 0, "column": 0, "field": "", "message": f"cannot read: {exc}"}
+            print(json.dumps({"format_version": PLAN_FORMAT_VERSION, "valid": False, "problems": [problem]}))
+        else:
+            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
     return None
 
 
-def _daemon_url(spec: specmod.Spec, override: str | None) -> str:
-    if override:
-        return override.rstrip("/")
-    host = "127.0.0.1" if spec.server.host in ("0.0.0.0", "::") else spec.server.host
-    return f"http://{host}:{spec.server.port}"
+def _daemon_url(file: str, spec: specmod.Spec | None, override: str | None) -> str:
+    """--daemon, else $XGEN_DAEMON, else the address a daemon on this file left in its state dir,
+    else the file's server.host and server.port."""
+    from reconciler import statedir
+
+    chosen = override or os.environ.get("XGEN_DAEMON")
+    if chosen:
+        return chosen.rstrip("/")
+    declared = spec.server.state_dir if spec else None
+    found = statedir.running_daemon(statedir.state_dir_for(Path(file), declared, None))
+    if found:
+        return found
+    server = spec.server if spec else specmod.ServerSettings()
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+    return f"http://{host}:{server.port}"
 
 
 def _daemon_status(url: str) -> dict[str, Any] | None:
@@ -54,52 +75,69 @@ def _daemon_status(url: str) -> dict[str, Any] | None:
         return None
 
 
-def _observed(spec: specmod.Spec, url: str | None) -> tuple[Observed, str]:
-    """The daemon's observed state if one answers, else nothing running on this host; with
-    estimates for the spec's GPU models either way, so the preview refuses what will not fit."""
+def _observed(spec: specmod.Spec, url: str | None) -> tuple[Observed, str | None]:
+    """The daemon's observed state if one answers at `url` (and a description of it), else this
+    host with nothing running (and None); with estimates for the spec's GPU models either way, so
+    the preview refuses what will not fit."""
     from reconciler import memory
 
-    target = _daemon_url(spec, url)
-    status = _daemon_status(target)
+    status = _daemon_status(url) if url else None
     if status is not None:
         observed = Observed.from_status(status, time.time())
         estimates = {**observed.estimates, **memory.spec_estimates(spec, observed.gpus)}
-        return replace(observed, estimates=estimates), f"compared with the xgen daemon at {target}"
+        return replace(observed, estimates=estimates), f"compared with the xgen daemon at {url}"
     from reconciler.gpu import GpuMonitor
 
     monitor = GpuMonitor()
     gpus = monitor.sample().gpus
-    return (
-        Observed({}, None, gpus, monitor.detector, memory.spec_estimates(spec, gpus)),
-        f"no xgen daemon at {target}: compared with nothing running",
-    )
+    return Observed({}, None, gpus, monitor.detector, memory.spec_estimates(spec, gpus)), None
 
 
 # ---------------------------------------------------------------- commands
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The file's own rules, and unless --no-host-checks the same checks of this host the daemon
+    makes before acting (model files, GPUs that exist, memory that fits, ports)."""
     status = 0
     for path in args.files:
         spec = _load_or_report(path, host_checks=not args.no_host_checks)
         if spec is None:
             status = 1
             continue
+        if not args.no_host_checks:
+            observed, _ = _observed(spec, None)  # this host with nothing running: what a fresh daemon sees
+            p = plan(spec, observed)
+            for error in p.errors:
+                print(f"{path}: {error}", file=sys.stderr)
+            for note in p.notes:
+                print(f"{path}: warning: {note}", file=sys.stderr)
+            if p.errors:
+                status = 1
+                continue
         loaded = len(spec.loaded)
         print(f"{path}: valid ({len(spec.models)} models, {loaded} loaded, generation {spec.generation})")
     return status
 
 
-def _make_plan(args: argparse.Namespace) -> tuple[specmod.Spec, Plan, str] | None:
-    spec = _load_or_report(args.file)
+def _make_plan(file: str, daemon: str | None, as_json: bool = False) -> tuple[specmod.Spec, Plan, str] | None:
+    spec = _load_or_report(file, as_json=as_json)
     if spec is None:
         return None
-    observed, against = _observed(spec, args.daemon)
+    url = _daemon_url(file, spec, daemon)
+    observed, against = _observed(spec, url)
+    if against is None:
+        against = f"NO xgen daemon answers at {url}: compared with nothing running"
+        print(
+            f"warning: no xgen daemon answers at {url}; this plan compares with nothing running "
+            "(start one, or point at it with --daemon URL or XGEN_DAEMON)",
+            file=sys.stderr,
+        )
     return spec, plan(spec, observed), against
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    made = _make_plan(args)
+    made = _make_plan(args.file, args.daemon, as_json=args.json)
     if made is None:
         return 1
     _, p, against = made
@@ -110,13 +148,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sys.stdout.write(render_text(p))
     if p.errors:
         return 1
-    return 2 if args.detailed_exitcode and not p.empty else 0
+    return 2 if args.detailed_exitcode and not p.matches else 0
+
+
+def _confirmed() -> bool:
+    """'yes' typed at the prompt, or piped in (`yes | xgen apply`, as Terraform accepts)."""
+    print("Apply these changes? Only 'yes' is accepted: ", end="", flush=True)
+    answer = sys.stdin.readline().strip()
+    if not sys.stdin.isatty():
+        print(answer)
+    return answer == "yes"
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     source = Path(args.file)
     target = Path(args.target) if args.target else source
-    made = _make_plan(argparse.Namespace(file=str(source), daemon=args.daemon))
+    made = _make_plan(str(source), args.daemon)
     if made is None:
         return 1
     spec, p, against = made
@@ -124,13 +171,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     sys.stdout.write(render_text(p))
     if p.errors:
         return 1
-    if not args.auto_approve:
-        if not sys.stdin.isatty():
-            print("refusing to apply without confirmation: pass --auto-approve", file=sys.stderr)
-            return 1
-        if input("Apply these changes? Only 'yes' is accepted: ").strip() != "yes":
-            print("Apply cancelled.")
-            return 1
+    if not args.auto_approve and not _confirmed():
+        print("Apply cancelled.")
+        return 1
     if target.resolve() != source.resolve():
         text = source.read_bytes()
         staging = target.with_name(f".{target.name}.xgen-tmp")
@@ -141,7 +184,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         target.touch()  # same file: nudge the watcher
     if not args.wait:
         return 0
-    return _wait_converged(_daemon_url(spec, args.daemon), spec.generation, args.timeout)
+    return _wait_converged(_daemon_url(str(target), spec, args.daemon), spec.generation, args.timeout)
 
 
 def _wait_converged(url: str, generation: str, timeout: float) -> int:
@@ -165,6 +208,8 @@ def _wait_converged(url: str, generation: str, timeout: float) -> int:
                 for name in last.get("failed", []):
                     info: dict[str, Any] = next((m for m in status["loaded_models"] if m["name"] == name), {})
                     print(f"{name}: {info.get('error_message')}", file=sys.stderr)
+                    for line in info.get("log_tail", [])[-5:]:
+                        print(f"  | {line}", file=sys.stderr)
                 for error in last.get("errors", []):
                     print(f"plan refused: {error}", file=sys.stderr)
                 return 1
@@ -179,10 +224,10 @@ def _wait_converged(url: str, generation: str, timeout: float) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     spec = _load_or_report(args.file, host_checks=False) if Path(args.file).exists() else None
-    url = args.daemon or (_daemon_url(spec, None) if spec else "http://127.0.0.1:8000")
+    url = _daemon_url(args.file, spec, args.daemon)
     status = _daemon_status(url)
     if status is None:
-        print(f"no xgen daemon answers at {url}", file=sys.stderr)
+        print(f"no xgen daemon answers at {url} (--daemon URL or XGEN_DAEMON to point at one)", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(status, indent=2))
@@ -194,15 +239,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     serving = status.get("serving") or {}
     if serving.get("source") == "last_good":
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(serving.get("saved_at") or 0))
-        print(
-            f"serving the last good spec (generation {serving['generation']}, kept from {serving['file']} at {saved})"
-        )
+        print(f"serving the last good spec (generation {serving['generation']}, from {serving['file']} at {saved})")
     if status.get("pass_error"):
         print(f"a reconcile pass failed (retrying): {status['pass_error']['error']}")
-    rows = [("NAME", "STATE", "BACKEND", "PORT", "DEVICE", "UPTIME", "RESTARTS", "ERROR")]
+    for error in status.get("plan_errors") or []:
+        print(f"plan refused: {error}")
+    rows = [("NAME", "STATE", "BACKEND", "PORT", "DEVICE", "UPTIME", "RESTARTS", "MEMORY", "ERROR")]
     now = time.time()
     for m in status["loaded_models"]:
         up = f"{now - m['started_at']:.0f}s" if m.get("started_at") and m["state"] == "LOADED" else "-"
+        measured = m["memory"]["measured_bytes"]
         rows.append(
             (
                 m["name"],
@@ -212,12 +258,18 @@ def cmd_status(args: argparse.Namespace) -> int:
                 m["config"]["device"],
                 up,
                 str(m["restarts"]),
-                (m["error_message"] or "")[:60],
+                f"{measured / 2**20:.0f} MiB" if measured else "-",
+                (m["error_message"] or "")[:50] + ("…" if len(m["error_message"] or "") > 50 else ""),
             )
         )
+    for name in status.get("unloaded_models") or []:
+        rows.append((name, "unloaded (desired)", "-", "-", "-", "-", "-", "-", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for m in status["loaded_models"]:
+        if m["error_message"] and len(m["error_message"]) > 50:
+            print(f"{m['name']}: {m['error_message']}")
     for problem in status.get("spec_error") or []:
         print(f"spec error: {problem}")
     return 0
@@ -225,7 +277,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     text = json.dumps(specmod.json_schema(), indent=2) + "\n"
-    if args.stdout:
+    if not args.output:
         sys.stdout.write(text)
         return 0
     out = Path(args.output)
@@ -269,7 +321,8 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from reconciler import last_good
-    from reconciler.serve import serve, state_dir_for
+    from reconciler.serve import serve
+    from reconciler.statedir import state_dir_for
 
     file = Path(args.file)
     spec = _load_or_report(args.file)
@@ -304,66 +357,75 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xgen",
         description="Declarative control plane for local LLM inference servers. "
         "Describe what should run in models.yaml; xgen makes it so.",
-        epilog="Typical: xgen validate → xgen plan → xgen serve (or xgen apply --wait against a running daemon).",
+        epilog="Typical: xgen validate → xgen plan → xgen serve (or xgen apply --wait against a running daemon). "
+        "Exit codes: 0 ok, 1 error, 2 changes present (plan --detailed-exitcode).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"xgen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    daemon_help = "URL of the daemon (default: $XGEN_DAEMON, else the address a daemon on FILE left in its state dir, "
+    daemon_help += "else the file's server.host and server.port)"
 
     p = sub.add_parser("validate", help="check models.yaml files; report every problem with file:line:column")
-    p.add_argument("files", nargs="*", default=[DEFAULT_FILE], metavar="FILE")
+    p.add_argument("files", nargs="*", default=[DEFAULT_FILE], metavar="FILE", help="files to check (models.yaml)")
     p.add_argument(
         "--no-host-checks",
         action="store_true",
-        help="skip checks that need this host (model paths exist), e.g. on an Ansible controller",
+        help="skip checks that need this host (model files, GPUs, memory), e.g. on an Ansible controller",
     )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="show what would change (against the running daemon, if any)")
-    p.add_argument("file", nargs="?", default=DEFAULT_FILE)
-    p.add_argument("--json", action="store_true", help="machine-readable plan (docs/plan-json.md)")
-    p.add_argument("--detailed-exitcode", action="store_true", help="exit 0 no changes, 2 changes, 1 error")
-    p.add_argument("--daemon", metavar="URL", help="daemon to compare with (default: the file's server settings)")
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help="the desired state (default: models.yaml)")
+    p.add_argument("--json", action="store_true", help="machine-readable plan (docs/plan-json.md); errors too")
+    p.add_argument("--detailed-exitcode", action="store_true", help="exit 0 no changes, 2 changes or drift, 1 error")
+    p.add_argument("--daemon", metavar="URL", help=daemon_help)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="show the plan, then put the file in place for the daemon to converge")
-    p.add_argument("file", nargs="?", default=DEFAULT_FILE)
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help="the desired state (default: models.yaml)")
     p.add_argument("--target", metavar="PATH", help="the watched models.yaml to replace (default: FILE itself)")
-    p.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--auto-approve", action="store_true", help="do not ask (piping 'yes' in works too)")
     p.add_argument("--wait", action="store_true", help="follow the daemon until it converges or an action fails")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S")
-    p.add_argument("--daemon", metavar="URL")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up waiting after S seconds")
+    p.add_argument("--daemon", metavar="URL", help=daemon_help)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("serve", help="run the daemon: watch the file, supervise backends, serve status and /v1")
-    p.add_argument("file", nargs="?", default=DEFAULT_FILE)
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help="the desired state to watch (default: models.yaml)")
     p.add_argument("--host", help="listen address (default: server.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default: server.port, 8000)")
-    p.add_argument("--state-dir", help="logs and pid files (default: server.state_dir, or .xgen beside the file)")
+    p.add_argument(
+        "--state-dir", help="logs, pid files, the last good spec (default: server.state_dir, or .xgen beside the file)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="the daemon's models table")
-    p.add_argument("file", nargs="?", default=DEFAULT_FILE)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--daemon", metavar="URL")
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help="finds the daemon serving this file")
+    p.add_argument("--json", action="store_true", help="the status API's JSON")
+    p.add_argument("--daemon", metavar="URL", help=daemon_help)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("schema", help="write the JSON schema of models.yaml")
-    p.add_argument("-o", "--output", default=str(SCHEMA_PATH))
-    p.add_argument("--stdout", action="store_true")
+    p = sub.add_parser("schema", help="print (or write) the JSON schema of models.yaml")
+    p.add_argument(
+        "-o", "--output", metavar="PATH", help="write it there (the repo's copy: schemas/models.schema.json)"
+    )
     p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("doctor", help="what this host has for each backend, and GPUs")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("install", help="build/cache llama-server and fetch the default model (once; cached)")
-    p.add_argument("--flavor", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--jobs", type=int)
-    p.add_argument("--no-model", action="store_true")
+    p.add_argument("--flavor", choices=["cpu", "cuda"], default="cpu", help="llama-server build (cuda: set CUDAARCHS)")
+    p.add_argument("--jobs", type=int, help="parallel build jobs (default: the number of cores)")
+    p.add_argument("--no-model", action="store_true", help="do not fetch the default model")
     p.set_defaults(func=cmd_install)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `xgen status | head -1`: a closed pipe ends the program quietly, as it does for other tools
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

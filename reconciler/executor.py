@@ -21,7 +21,7 @@ from reconciler.supervisor import Supervisor
 
 log = logging.getLogger("xgen.executor")
 # Free memory first, start processes next, then adapters on the processes that now run.
-PHASE = {"unload": 0, "remove_adapter": 0, "reload": 1, "load": 1, "add_adapter": 2, "activate": 3}
+PHASE = {"unload": 0, "remove_adapter": 0, "reload": 1, "load": 1, "add_adapter": 2, "update": 2, "activate": 3}
 
 
 @dataclass
@@ -60,6 +60,9 @@ class Executor:
             ok = True
             if action.kind == "unload":
                 await self._retire(action.model, action.reason)
+            elif action.kind == "update":
+                if action.model:  # a model's aliases or timeouts; server settings apply with the spec
+                    self.store.update(action.model, spec=action.spec)
             elif action.adapter is not None:
                 ok = await self._adapter(action)
             else:

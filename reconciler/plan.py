@@ -5,21 +5,33 @@ No clocks, no I/O, no logging. `xgen plan` prints exactly what the daemon would 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from reconciler.spec import LoraAdapter, ModelSpec, Spec
+from reconciler.spec import LoraAdapter, ModelSpec, ServerSettings, Spec
 from reconciler.state import GpuInfo, ModelState
 
-PLAN_FORMAT_VERSION = "1"
-ActionKind = Literal["unload", "remove_adapter", "reload", "load", "add_adapter", "activate"]
-_ORDER: dict[str, int] = {"unload": 0, "remove_adapter": 1, "reload": 2, "load": 3, "add_adapter": 4, "activate": 5}
+PLAN_FORMAT_VERSION = "2"
+ActionKind = Literal["unload", "remove_adapter", "reload", "load", "add_adapter", "update", "activate"]
+_ORDER: dict[str, int] = {
+    "unload": 0,
+    "remove_adapter": 1,
+    "reload": 2,
+    "load": 3,
+    "add_adapter": 4,
+    "update": 5,
+    "activate": 6,
+}
 # Backends that add and remove LoRA adapters at run time (vLLM with runtime updating enabled).
 RUNTIME_ADAPTERS = frozenset({"vllm"})
 # Fields whose change never needs the process restarted: routing reads them from the spec.
 NO_RESTART = frozenset({"aliases", "desired", "ready_timeout_s"})
+# Server settings that only a restart of `xgen serve` changes (where it listens, keeps state).
+DAEMON_RESTART = frozenset({"host", "port", "state_dir"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,7 @@ class Observed:
     gpus: tuple[GpuInfo, ...] = ()
     detector: str = "cpu"
     estimates: Mapping[str, int] = field(default_factory=dict)  # bytes per GPU, by model name
+    server: Mapping[str, Any] | None = None  # the running server settings (server_view), if known
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any], now: float) -> Observed:
@@ -71,6 +84,7 @@ class Observed:
                 for m in status.get("loaded_models", [])
                 if m.get("memory", {}).get("estimated_bytes")
             },
+            status.get("server"),
         )
 
 
@@ -111,16 +125,36 @@ class Action:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """A model that does not run as specified, with nothing to do about it in this plan (it is
+    loading, waiting out a backoff, or has exhausted server.max_restarts)."""
+
+    model: str
+    state: str
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "state": self.state, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Plan:
     generation: str
     actions: tuple[Action, ...] = ()
     notes: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()
     budgets: tuple[dict[str, Any], ...] = ()
+    drift: tuple[Drift, ...] = ()
 
     @property
     def empty(self) -> bool:
+        """Nothing to execute (there may still be drift that time resolves)."""
         return not self.actions
+
+    @property
+    def matches(self) -> bool:
+        """The running state is the spec: no action and no drift (`xgen plan` exit 0)."""
+        return not self.actions and not self.drift
 
     def to_json(self) -> dict[str, Any]:
         counts = {kind: sum(a.kind == kind for a in self.actions) for kind in _ORDER}
@@ -130,8 +164,9 @@ class Plan:
             "actions": [a.to_json() for a in self.actions],
             "notes": list(self.notes),
             "errors": list(self.errors),
+            "drift": [d.to_json() for d in self.drift],
             "gpu_budgets": list(self.budgets),
-            "summary": {**counts, "changes": len(self.actions)},
+            "summary": {**counts, "changes": len(self.actions), "drift": len(self.drift)},
         }
 
 
@@ -152,14 +187,39 @@ def choose_backend(model: ModelSpec, gpus: tuple[GpuInfo, ...]) -> tuple[str, st
 
 def restart_changes(want: ModelSpec, have: ModelSpec) -> tuple[Change, ...]:
     """Changed fields that need the process restarted, as old → new pairs."""
+    return tuple(c for c in _changes(want, have) if c.field.split(".")[0] not in NO_RESTART)
+
+
+def in_place_changes(want: ModelSpec, have: ModelSpec) -> tuple[Change, ...]:
+    """Changed fields that apply to the running process without a restart."""
+    return tuple(c for c in _changes(want, have) if c.field.split(".")[0] in NO_RESTART)
+
+
+def _changes(want: ModelSpec, have: ModelSpec) -> tuple[Change, ...]:
     if want == have:
         return ()
-    new, old = _flat(want.model_dump(mode="json")), _flat(have.model_dump(mode="json"))
+    return _diff(want.model_dump(mode="json"), have.model_dump(mode="json"))
+
+
+def _diff(want: Mapping[str, Any], have: Mapping[str, Any]) -> tuple[Change, ...]:
+    new, old = _flat(want), _flat(have)
     return tuple(
-        Change(key, old.get(key), new.get(key))
-        for key in sorted(set(new) | set(old))
-        if key.split(".")[0] not in NO_RESTART and new.get(key) != old.get(key)
+        Change(key, old.get(key), new.get(key)) for key in sorted(set(new) | set(old)) if new.get(key) != old.get(key)
     )
+
+
+def server_view(settings: ServerSettings) -> dict[str, Any]:
+    """The server settings as status shows them and plans compare them: the API key only as a
+    fingerprint, so a change shows without the key ever leaving the daemon."""
+    view = settings.model_dump(mode="json")
+    view["api_key"] = _fingerprint(settings.api_key) if settings.api_key else None
+    return view
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(secret: str) -> str:
+    """A slow salted hash, shortened: tells two keys apart, hard to turn back into a weak key."""
+    return "pbkdf2:" + hashlib.pbkdf2_hmac("sha256", secret.encode(), b"xgen api_key", 200_000).hex()[:12]
 
 
 def adapter_actions(name: str, backend: str, want: ModelSpec, have: ModelSpec) -> list[Action]:
@@ -187,9 +247,10 @@ def adapter_actions(name: str, backend: str, want: ModelSpec, have: ModelSpec) -
 
 
 def plan(spec: Spec, observed: Observed) -> Plan:
-    """Actions that take `observed` to `spec`: unloads, reloads, loads, then activate."""
+    """Actions that take `observed` to `spec`: unloads, reloads, loads, updates, then activate."""
     actions: list[Action] = []
     notes: list[str] = []
+    drift: list[Drift] = []
     wanted = spec.loaded
     max_restarts = spec.server.max_restarts
     for name in sorted(set(observed.models) - set(wanted)):
@@ -202,33 +263,69 @@ def plan(spec: Spec, observed: Observed) -> Plan:
             actions.append(Action("load", name, f"new model; {why}", backend, want))
             continue
         changes = restart_changes(want, have.spec)
+        in_place = in_place_changes(want, have.spec)
         if have.backend != backend:
             changes = (Change("backend", have.backend, backend), *changes)
         if changes and [c.field for c in changes] == ["lora"] and backend in RUNTIME_ADAPTERS and have.spec.lora:
             actions.extend(adapter_actions(name, backend, want, have.spec))
+            changes = ()
+        elif changes:
+            actions.append(Action("reload", name, "spec changed", backend, want, (*changes, *in_place)))
             continue
-        if changes:
-            actions.append(Action("reload", name, "spec changed", backend, want, changes))
-            continue
-        if have.spec.aliases != want.aliases:
-            notes.append(f"{name}: aliases {have.spec.aliases} → {want.aliases} (applies without restart)")
+        if in_place:
+            actions.append(Action("update", name, "applies without a restart", backend, want, in_place))
         if have.state == ModelState.ERROR:
-            attempt = have.failures + 1
             of = f" of {max_restarts}" if max_restarts is not None else ""
             if max_restarts is not None and have.failures >= max_restarts:
-                notes.append(
-                    f"{name}: failed {have.failures} times with this spec; not retrying "
-                    "(server.max_restarts; change its entry in the file to try again)"
+                drift.append(
+                    Drift(
+                        name,
+                        have.state.value,
+                        f"failed {have.failures} times with this spec ({have.error}); not retrying "
+                        "(server.max_restarts): change its entry in the file to try again",
+                    )
                 )
             elif have.retry_due:
-                actions.append(Action("load", name, f"retry {attempt}{of} after: {have.error}", backend, want))
+                actions.append(Action("load", name, f"retry {have.failures}{of} after: {have.error}", backend, want))
             else:
-                notes.append(f"{name}: in ERROR, retry {attempt}{of} after backoff")
+                waiting = f"{have.error}; retry {have.failures}{of} after the backoff"
+                drift.append(Drift(name, have.state.value, waiting))
+        elif have.state in (ModelState.LOADING, ModelState.UNLOADING):
+            drift.append(Drift(name, have.state.value, "in progress"))
+    if observed.server is not None:
+        actions.extend(_server_update(server_view(spec.server), observed.server, notes))
     active = spec.resolve(spec.active) if spec.active else _default_active(spec)
     if active != observed.active:
         actions.append(Action("activate", active or "", f"was {observed.active or 'none'}"))
     budgets, errors = _check_placement(spec, observed)
-    return Plan(spec.generation, tuple(sorted(actions, key=Action.order)), tuple(notes), tuple(errors), tuple(budgets))
+    notes.extend(_placement_notes(spec))
+    return Plan(
+        spec.generation,
+        tuple(sorted(actions, key=Action.order)),
+        tuple(notes),
+        tuple(errors),
+        tuple(budgets),
+        tuple(drift),
+    )
+
+
+def _server_update(want: Mapping[str, Any], have: Mapping[str, Any], notes: list[str]) -> list[Action]:
+    changes = _diff(want, have)
+    for change in changes:
+        if change.field in DAEMON_RESTART:
+            notes.append(f"server.{change} takes effect when `xgen serve` restarts")
+    live = tuple(Change(f"server.{c.field}", c.old, c.new) for c in changes if c.field not in DAEMON_RESTART)
+    return [Action("update", "", "server settings; apply without a restart", changes=live)] if live else []
+
+
+def _placement_notes(spec: Spec) -> list[str]:
+    """Placements that are valid but almost certainly not what was meant."""
+    return [
+        f"models.{name}: gpu_index {model.gpu_index} with n_gpu_layers 0 offloads nothing to the GPU "
+        "(set n_gpu_layers: -1 to offload every layer)"
+        for name, model in spec.loaded.items()
+        if model.gpus and model.n_gpu_layers == 0 and model.format == "gguf"
+    ]
 
 
 def _default_active(spec: Spec) -> str | None:
@@ -286,13 +383,22 @@ def _check_placement(spec: Spec, observed: Observed) -> tuple[list[dict[str, Any
 
 
 def render_text(p: Plan) -> str:
-    """Terraform-style: + load, - unload, ~ reload with a field diff, → activate, a summary."""
+    """Terraform-style: + load, - unload, ~ reload or update in place with a field diff,
+    → activate, ! drift, then a summary."""
     lines: list[str] = []
     for error in p.errors:
         lines.append(f"Error: {error}")
     if p.errors:
         lines.append("")
-    symbols = {"load": "+", "unload": "-", "reload": "~", "activate": "→", "add_adapter": "+", "remove_adapter": "-"}
+    symbols = {
+        "load": "+",
+        "unload": "-",
+        "reload": "~",
+        "update": "~",
+        "activate": "→",
+        "add_adapter": "+",
+        "remove_adapter": "-",
+    }
     if p.actions:
         lines.append(f"xgen will perform the following actions (generation {p.generation}):")
         lines.append("")
@@ -301,12 +407,20 @@ def render_text(p: Plan) -> str:
         if a.adapter is not None:
             lines.append(f"  {symbols[a.kind]} adapter {a.model}/{a.adapter.name} ({a.adapter.path}): {a.reason}")
             continue
-        lines.append(f"  {symbols[a.kind]} {a.kind} {a.model or '(none)'}{target}: {a.reason}")
+        what = "update in place" if a.kind == "update" else a.kind
+        subject = a.model or ("server settings" if a.kind == "update" else "(none)")
+        lines.append(f"  {symbols[a.kind]} {what} {subject}{target}: {a.reason}")
         if a.kind == "load" and a.spec is not None:
             device = ",".join(f"gpu:{g}" for g in a.spec.gpus) or "cpu"
             lines.append(f"      {a.spec.source}  [{device}, n_ctx {a.spec.n_ctx}, n_gpu_layers {a.spec.n_gpu_layers}]")
         for change in a.changes:
-            lines.append(f"      ~ {change}")
+            shown = Change(change.field, "(set)", "(changed)") if change.field == "server.api_key" else change
+            lines.append(f"      ~ {shown}")
+    if p.drift:
+        if lines and lines[-1]:
+            lines.append("")
+        lines.append("Not yet as specified (nothing to do now):")
+        lines.extend(f"  ! {d.model}: {d.state}: {d.reason}" for d in p.drift)
     for note in p.notes:
         lines.append(f"  # {note}")
     for b in p.budgets:
@@ -320,10 +434,14 @@ def render_text(p: Plan) -> str:
     if p.errors:
         count = len(p.errors)
         lines.append(f"Plan refused ({count} error{'s' if count != 1 else ''}): nothing will be changed.")
-    elif p.empty:
+    elif p.matches:
         lines.append("No changes. The running state matches the spec.")
+    elif p.empty:
+        lines.append(f"No actions, but {len(p.drift)} model(s) do not run as specified yet (see above).")
     else:
         parts = [f"{counts[k]} to {k}" for k in ("load", "reload", "unload") if counts[k]]
+        if counts["update"]:
+            parts.append(f"{counts['update']} to update in place")
         adapters = counts["add_adapter"] + counts["remove_adapter"]
         if adapters:
             parts.append(f"{adapters} adapter change{'s' if adapters != 1 else ''}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 
-from reconciler import last_good
+from reconciler import last_good, statedir
 from reconciler.drivers.registry import default_drivers
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
@@ -53,15 +53,6 @@ def uvicorn_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
         lifespan="on",
         backlog=2048,
     )
-
-
-def state_dir_for(file: Path, declared: str | None, override: str | None) -> Path:
-    """--state-dir, else the file's `server.state_dir`, else `.xgen` beside the file."""
-    chosen = override or declared
-    if chosen:
-        path = Path(chosen).expanduser()
-        return path if path.is_absolute() else file.resolve().parent / path
-    return file.resolve().parent / ".xgen"
 
 
 def serve(
@@ -133,6 +124,8 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("xgen serving %s on http://%s:%d (state dir %s)", file, host, port, state_dir)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    statedir.write_address(state_dir, f"http://{local}:{port}", file)  # for the CLI, whatever --port said
     web = asyncio.create_task(server.serve())
     loop_task = asyncio.create_task(reconciler.run())
     done, _ = await asyncio.wait({web, loop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -149,5 +142,6 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
     with contextlib.suppress(BaseException):
         await loop_task
     await supervisor.shutdown()
+    statedir.remove_address(state_dir)
     log.info("xgen stopped; no backend left running")
     return code

@@ -40,6 +40,7 @@ class StateStore:
     spec_error: list[str] | None = None  # problems of the file as it is now, if invalid
     last_plan: dict[str, Any] | None = None
     last_pass: dict[str, Any] | None = None
+    plan_errors: list[str] | None = None  # why the daemon refuses the current spec's plan, if it does
     pass_error: dict[str, Any] | None = None  # the last pass that failed unexpectedly, until one succeeds
     serving: dict[str, Any] | None = None  # which spec runs: from the file, or the last good one kept
     settling: bool = False  # the file changed less than settle_ms ago: routing may be about to change

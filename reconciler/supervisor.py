@@ -51,6 +51,29 @@ class RestartPolicy:
         return float(min(self.cap_s, 2 ** min(30, max(0, failures - 1))))
 
 
+_CAUSE_WORDS = ("error", "failed", "invalid", "unknown", "unrecognized", "not found", "cannot", "unable", "no such")
+
+
+def failure_cause(tail: tuple[str, ...]) -> str | None:
+    """The last log line that says why a backend failed, so the reason reaches `xgen status` and
+    `xgen apply --wait` instead of only the log (e.g. llama.cpp's "invalid magic characters")."""
+    for line in reversed(tail):
+        text = line.strip()
+        if any(word in text.lower() for word in _CAUSE_WORDS):
+            return text[:300]
+    return None
+
+
+def tree_rss(pids: list[int]) -> dict[int, int]:
+    """Resident memory of each process with its children (a backend's whole footprint on CPU)."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            out[pid] = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    return out
+
+
 def exit_reason(code: int) -> str:
     """`exited with code 1`, or `killed by SIGKILL` for a negative return code."""
     if code < 0:
@@ -101,6 +124,7 @@ class Supervisor:
         self.on_exit = on_exit
         self.policy = RestartPolicy()  # the reconciler sets it from the spec every pass
         self.children: dict[str, Child] = {}
+        self.last_port: dict[str, int] = {}  # a model keeps its port across restarts while it is free
         self.backends: dict[str, str] = {}
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         (state_dir / "pids").mkdir(parents=True, exist_ok=True)
@@ -128,7 +152,7 @@ class Supervisor:
         """Start the model's process and wait until it is ready. True when LOADED."""
         driver = self.drivers.get(backend)
         old = self.store.models.get(name)
-        prev_port = old.port if old else None
+        prev_port = old.port if old and old.port else self.last_port.get(name)
         failures = old.failures if old else 0
         restarts = old.restarts if old else 0
         if old is not None and old.spec != model:
@@ -178,6 +202,7 @@ class Supervisor:
             logfile.close()
         child = Child(proc, argv, time.time())
         self.children[name] = child
+        self.last_port[name] = port
         self.backends[name] = backend
         self._write_pidfile(name, proc.pid, argv)
         self.store.update(name, pid=proc.pid, port=port, started_at=child.started, launch_hash=launch_hash(argv, extra))
@@ -204,7 +229,8 @@ class Supervisor:
         return False, f"not ready after {timeout:.0f} s (health: {url}); raise ready_timeout_s if it is just slow"
 
     def _fail(self, name: str, failures: int, why: str) -> bool:
-        self._to_error(name, failures + 1, why)
+        cause = failure_cause(self.log_tail(name))
+        self._to_error(name, failures + 1, f"{why}: {cause}" if cause else why)
         return False
 
     def _to_error(self, name: str, failures: int, why: str) -> None:

@@ -29,11 +29,11 @@ from watchfiles import awatch
 from reconciler import last_good, memory
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
-from reconciler.plan import Observed, Plan, plan, restart_changes
+from reconciler.plan import Observed, Plan, plan, server_view
 from reconciler.spec import MAX_SPEC_BYTES, Problem, Spec, SpecError, loads
 from reconciler.state import ModelState
 from reconciler.store import StateStore
-from reconciler.supervisor import RestartPolicy
+from reconciler.supervisor import RestartPolicy, tree_rss
 
 log = logging.getLogger("xgen")
 DEBOUNCE_MS = 50
@@ -124,14 +124,17 @@ class Reconciler:
                 self._wake.set()
 
     async def _sample_gpus(self) -> None:
+        """GPU facts, and measured memory per model: NVML's for GPU models, the process tree's
+        RSS for CPU ones."""
         while True:
             snapshot = await asyncio.to_thread(self.gpu.sample)
             self.store.gpu = snapshot.to_json()
-            pids = {i.pid: name for name, i in self.store.models.items() if i.pid}
-            if pids and snapshot.gpus:
-                used = await asyncio.to_thread(self.gpu.process_memory, list(pids))
-                for pid, name in pids.items():
-                    self.store.update(name, measured_bytes=used.get(pid))
+            on_gpu = {i.pid: name for name, i in self.store.models.items() if i.pid and i.spec.gpus}
+            on_cpu = {i.pid: name for name, i in self.store.models.items() if i.pid and not i.spec.gpus}
+            used = await asyncio.to_thread(self.gpu.process_memory, list(on_gpu)) if on_gpu and snapshot.gpus else {}
+            used.update(await asyncio.to_thread(tree_rss, list(on_cpu)) if on_cpu else {})
+            for pid, name in {**on_gpu, **on_cpu}.items():
+                self.store.update(name, measured_bytes=used.get(pid))
             self.store.publish("gpu", self.store.gpu)
             await asyncio.sleep(GPU_SAMPLE_S)
 
@@ -143,6 +146,7 @@ class Reconciler:
             gpus,
             self.gpu.detector,
             memory.spec_estimates(spec, gpus),
+            server_view(self.spec.server) if self.spec else None,  # adopted when the file settled
         )
 
     async def reconcile(self) -> None:
@@ -182,11 +186,14 @@ class Reconciler:
         shown = p.to_json()
         self.store.last_plan = shown
         if p.errors:
-            for error in p.errors:
-                log.error("plan refused: %s", error)
-            self.store.publish("plan", {**shown, "applied": False})
+            if self.store.plan_errors != list(p.errors):  # once per refusal, not every resync
+                for error in p.errors:
+                    log.error("plan refused, nothing changed: %s", error)
+                self.store.publish("plan", {**shown, "applied": False})
+            self.store.plan_errors = list(p.errors)
             self.store.last_pass = {"generation": spec.generation, "ok": False, "errors": list(p.errors)}
             return
+        self.store.plan_errors = None
         ok = await self._apply(p, shown)
         for name, estimate in observed.estimates.items():  # after apply: new models exist now
             self.store.update(name, estimated_bytes=estimate)
@@ -250,14 +257,6 @@ class Reconciler:
                 self._kept = fresh.generation
             except OSError as exc:
                 log.warning("could not keep the last good spec in %s: %s", self.state_dir, exc)
-        self._adopt_routing_fields(fresh)
-
-    def _adopt_routing_fields(self, spec: Spec) -> None:
-        """Fields that need no restart (aliases, timeouts) take effect at once."""
-        for name, info in list(self.store.models.items()):
-            want = spec.models.get(name)
-            if want is not None and want != info.spec and not restart_changes(want, info.spec):
-                self.store.update(name, spec=want)
 
     def _reset_failures(self, spec: Spec) -> None:
         """A model that has stayed up long enough starts its next crash from a clean count."""

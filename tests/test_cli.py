@@ -9,7 +9,10 @@ from pathlib import Path
 
 import jsonschema
 
-from reconciler.spec import json_schema
+from reconciler import __version__
+from reconciler.cli import build_parser
+from reconciler.plan import Observed, plan
+from reconciler.spec import json_schema, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +30,7 @@ def test_help_lists_the_commands() -> None:
 
 def test_schema_file_is_current() -> None:
     published = json.loads((ROOT / "schemas" / "models.schema.json").read_text())
-    assert published == json_schema(), "schemas/models.schema.json is stale: run `xgen schema`"
+    assert published == json_schema(), "stale: run `xgen schema -o schemas/models.schema.json`"
 
 
 def test_models_yaml_matches_the_schema_too() -> None:
@@ -127,3 +130,82 @@ def test_plan_against_a_daemon_estimates_new_gpu_models(tmp_path: Path, tiny_ggu
         assert "short by" in result.stdout
     finally:
         server.shutdown()
+
+
+def test_validate_runs_the_daemons_host_checks(tmp_path: Path, tiny_gguf: Path) -> None:
+    """A file the daemon would refuse is not `valid`: the Ansible role validates with this."""
+    f = tmp_path / "m.yaml"
+    f.write_text(f"models:\n  a:\n    path: {tiny_gguf}\n    gpu_index: 0\n    n_gpu_layers: -1\n")
+    result = xgen("validate", str(f))
+    assert result.returncode == 1 and "valid" not in result.stdout
+    assert f"{f}: models.a.gpu_index: GPU 0 does not exist; GPUs on this host: none (detector: cpu)" in result.stderr
+    assert xgen("validate", "--no-host-checks", str(f)).returncode == 0
+
+
+def test_validate_warns_about_a_gpu_model_that_offloads_nothing(tmp_path: Path, tiny_gguf: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(f"models:\n  a:\n    path: {tiny_gguf}\n    gpu_index: 0\n")
+    result = xgen("validate", "--no-host-checks", str(f))
+    assert result.returncode == 0  # without host checks there is no plan, so no warning either
+    p = plan(parse(f.read_text(), str(f)), Observed())
+    assert "gpu_index 0 with n_gpu_layers 0 offloads nothing to the GPU" in p.notes[0]
+
+
+def test_plan_json_of_an_invalid_file_is_json_with_locations(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text("models:\n  a:\n    n_ctx: banana\n")
+    result = xgen("plan", str(f), "--json")
+    assert result.returncode == 1
+    out = json.loads(result.stdout)
+    assert out["valid"] is False and out["format_version"] == "2"
+    assert {"file": str(f), "line": 3, "column": 5, "field": "models.a.n_ctx",
+            "message": "found 'banana', expected an integer"} in out["problems"]
+
+
+def test_plan_says_loudly_when_no_daemon_answers(default_model: Path, tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(f"server: {{port: 1}}\nmodels:\n  a:\n    path: {default_model}\n")
+    result = xgen("plan", str(f))
+    assert "warning: no xgen daemon answers at http://127.0.0.1:1" in result.stderr
+    assert result.stdout.startswith("# NO xgen daemon answers at http://127.0.0.1:1: compared with nothing running")
+
+
+def test_apply_accepts_yes_piped_in(default_model: Path, tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(f"server: {{port: 1}}\nmodels:\n  a:\n    path: {default_model}\n")
+    for answer, code in (("yes\n", 0), ("no\n", 1), ("", 1)):
+        run = subprocess.run([sys.executable, "-m", "reconciler.cli", "apply", str(f)], input=answer,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == code, (answer, run.stdout, run.stderr)
+        assert "Apply these changes? Only 'yes' is accepted:" in run.stdout
+
+
+def test_status_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    run = subprocess.run(f"{sys.executable} -m reconciler.cli --help | head -1", shell=True, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert run.stdout.startswith("usage: xgen") and "Traceback" not in run.stderr
+
+
+def test_version_and_every_option_has_help() -> None:
+    assert xgen("--version").stdout.strip() == f"xgen {__version__}"
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        for option in action._actions:
+            assert option.help, f"{action.prog} {option.dest} has no help text"
+
+
+def test_readme_command_table_matches_the_parser() -> None:
+    readme = (ROOT / "README.md").read_text()
+    parser = build_parser()
+    for name, command in parser._subparsers._group_actions[0].choices.items():  # type: ignore[union-attr]
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `xgen {name}"))
+        for option in command._actions:
+            for flag in option.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert flag in row, f"README's row for `xgen {name}` does not mention {flag}"
+
+
+def test_schema_prints_unless_told_where(tmp_path: Path) -> None:
+    result = xgen("schema", cwd=tmp_path)
+    assert json.loads(result.stdout)["title"] == "xgen models.yaml"
+    assert list(tmp_path.iterdir()) == []

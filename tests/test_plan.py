@@ -12,7 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.plan import Observed, ObservedModel, Plan, choose_backend, plan, render_json, render_text
+from reconciler.plan import (
+    Drift,
+    Observed,
+    ObservedModel,
+    Plan,
+    choose_backend,
+    plan,
+    render_json,
+    render_text,
+    server_view,
+)
 from reconciler.spec import ModelSpec, Spec, parse
 from reconciler.state import GpuInfo, ModelState
 
@@ -81,11 +91,33 @@ def test_launch_changes_reload_with_a_field_diff(field: str, value: object, chan
     assert [c.field for c in p.actions[0].changes] == [changed]
 
 
-def test_alias_change_does_not_restart() -> None:
+def test_alias_change_is_an_update_in_place() -> None:
     spec = spec_of()
     p = plan(edit(spec, "chat", aliases=["default", "gpt-4o"]), running(spec))
-    assert p.empty
-    assert p.notes == ("chat: aliases ['default'] → ['default', 'gpt-4o'] (applies without restart)",)
+    assert kinds(p) == [("update", "chat")]
+    assert [str(c) for c in p.actions[0].changes] == ['aliases: ["default"] → ["default", "gpt-4o"]']
+    assert "  ~ update in place chat: applies without a restart" in render_text(p)
+    assert "Plan: 1 to update in place." in render_text(p)
+
+
+def test_a_reload_lists_in_place_changes_too() -> None:
+    spec = spec_of()
+    p = plan(edit(spec, "chat", aliases=["default", "gpt-4o"], n_ctx=8192), running(spec))
+    assert kinds(p) == [("reload", "chat")]
+    assert [c.field for c in p.actions[0].changes] == ["n_ctx", "aliases"]
+
+
+def test_server_setting_changes_are_updates_and_keys_never_show() -> None:
+    before = spec_of("server:\n  api_key: old-secret\n  load_wait_s: 30\n" + SPEC)
+    after = spec_of("server:\n  api_key: new-secret\n  load_wait_s: 60\n  port: 9000\n" + SPEC)
+    p = plan(after, running(before, server=server_view(before.server)))
+    assert kinds(p) == [("update", "")]
+    assert [c.field for c in p.actions[0].changes] == ["server.api_key", "server.load_wait_s"]
+    text, shown = render_text(p), render_json(p)
+    assert "~ update in place server settings" in text and "server.api_key: (set) → (changed)" in text
+    assert "server.port: 8000 → 9000 takes effect when `xgen serve` restarts" in text
+    assert "secret" not in text and "secret" not in shown
+    assert plan(before, running(before, server=server_view(before.server))).matches
 
 
 def test_active_change_only_activates() -> None:
@@ -119,16 +151,17 @@ def test_error_with_unchanged_spec_is_retried_when_backoff_is_due() -> None:
     failed = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 2, True, "exit code 1")
     p = plan(spec, Observed({**ok.models, "chat": failed}, "chat"))
     assert kinds(p) == [("load", "chat")]
-    assert p.actions[0].reason == "retry 3 after: exit code 1"
+    assert p.actions[0].reason == "retry 2 after: exit code 1"  # the 2nd retry, after 2 failures
 
 
 def test_error_waits_for_backoff_and_by_default_never_gives_up() -> None:
     spec = spec_of()
     ok = running(spec)
     waiting = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 1, False, "boom")
-    assert plan(spec, Observed({**ok.models, "chat": waiting}, "chat")).notes == (
-        "chat: in ERROR, retry 2 after backoff",
-    )
+    p = plan(spec, Observed({**ok.models, "chat": waiting}, "chat"))
+    assert p.empty and not p.matches
+    assert p.drift == (Drift("chat", "ERROR", "boom; retry 1 after the backoff"),)
+    assert "  ! chat: ERROR: boom; retry 1 after the backoff" in render_text(p)
     many = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 500, True, "boom")
     assert kinds(plan(spec, Observed({**ok.models, "chat": many}, "chat"))) == [("load", "chat")]
 
@@ -137,13 +170,13 @@ def test_max_restarts_is_an_opt_in_limit() -> None:
     spec = spec_of("server:\n  max_restarts: 5\n" + SPEC)
     ok = running(spec)
     waiting = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 1, False, "boom")
-    assert plan(spec, Observed({**ok.models, "chat": waiting}, "chat")).notes == (
-        "chat: in ERROR, retry 2 of 5 after backoff",
+    assert plan(spec, Observed({**ok.models, "chat": waiting}, "chat")).drift == (
+        Drift("chat", "ERROR", "boom; retry 1 of 5 after the backoff"),
     )
     exhausted = ObservedModel(spec.models["chat"], "llama-server", ModelState.ERROR, 5, True, "boom")
     p = plan(spec, Observed({**ok.models, "chat": exhausted}, "chat"))
-    assert p.empty
-    assert "not retrying" in p.notes[0]
+    assert p.empty and "not retrying" in p.drift[0].reason
+    assert "No actions, but 1 model(s) do not run as specified yet" in render_text(p)
 
 
 def test_backend_auto_choices() -> None:
@@ -270,7 +303,7 @@ def apply(p: Plan, observed: Observed) -> Observed:
     for a in p.actions:
         if a.kind == "unload":
             del models[a.model]
-        elif a.kind in ("load", "reload", "add_adapter", "remove_adapter"):
+        elif a.kind in ("load", "reload", "add_adapter", "remove_adapter", "update"):
             assert a.spec is not None
             models[a.model] = ObservedModel(a.spec, a.backend, ModelState.LOADED)
         else:
@@ -288,4 +321,4 @@ def test_plan_is_deterministic(spec: Spec, observed: Observed) -> None:
 @given(specs, observeds)
 def test_applying_a_plan_converges(spec: Spec, observed: Observed) -> None:
     after = apply(plan(spec, observed), observed)
-    assert plan(spec, after).empty
+    assert plan(spec, after).matches

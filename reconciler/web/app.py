@@ -19,14 +19,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from reconciler import __version__
 from reconciler.drivers.base import Availability
+from reconciler.plan import server_view
 from reconciler.spec import Spec
 from reconciler.state import ModelState
 from reconciler.store import StateStore
 from reconciler.web import metrics
 from reconciler.web.proxy import Proxy, openai_error
 
-VERSION = "0.1.0"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE_S = 15.0
 
@@ -42,6 +43,8 @@ def _loopback(request: Request) -> bool:
 def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availability]) -> dict[str, Any]:
     if store.spec_error:
         status = "spec_error"
+    elif store.plan_errors:
+        status = "plan_refused"  # the spec is valid but cannot run here; nothing was changed
     elif store.pass_error:
         status = "pass_error"
     elif any(i.state is ModelState.ERROR for i in store.models.values()):
@@ -60,7 +63,7 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         models.append(row)
     return {
         "status": status,
-        "version": VERSION,
+        "version": __version__,
         "generation": store.generation,
         "observed_generation": store.observed_generation,
         "active_model": store.active,
@@ -68,7 +71,12 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         "available_backends": {n: {"available": a.ok, "detail": a.detail} for n, a in backends.items()},
         "loaded_models": models,
         "desired_models": {n: m.desired for n, m in spec.models.items()} if spec else {},
+        "unloaded_models": [n for n, m in spec.models.items() if m.desired != "loaded" and n not in store.models]
+        if spec
+        else [],
+        "server": server_view(spec.server) if spec else None,
         "spec_error": store.spec_error,
+        "plan_errors": store.plan_errors,
         "pass_error": store.pass_error,
         "settling": store.settling,
         "serving": store.serving,

@@ -197,6 +197,14 @@ class Proxy:
         if isinstance(decision, str):
             return openai_error(404, decision, "invalid_request_error", "model_not_found")
         name = decision.model
+        if endpoint == "embeddings" and spec.models[name].server_type != "embedding":
+            return openai_error(
+                400,
+                f"model '{name}' is a chat model (server_type: {spec.models[name].server_type}); embeddings need a "
+                "model with server_type: embedding in models.yaml",
+                "invalid_request_error",
+                "model_not_embedding",
+            )
         info = self.store.models.get(name)
         if (info is None or info.state is not ModelState.LOADED) and name in spec.loaded:
             # loading, or between the stop and the start of a reload: hold the request
@@ -260,11 +268,12 @@ class Proxy:
         return Response(content, status_code=resp.status, headers=out_headers)
 
     async def _stream(self, resp: aiohttp.ClientResponse, name: str, t0: float) -> AsyncIterator[bytes]:
-        last = b""
+        usage = b""
         finished = False
         try:
             async for chunk in resp.content.iter_any():  # each read as it arrives: no re-chunking
-                last = chunk
+                if b'"usage"' in chunk:  # a copy of the chunk that carries usage (usually the last)
+                    usage = chunk
                 yield chunk
             finished = True
         finally:
@@ -274,7 +283,7 @@ class Proxy:
             else:
                 resp.close()
             self._done(name, str(resp.status), t0)
-            metrics.count_stream_tokens(name, last)
+            metrics.count_stream_tokens(name, usage)
 
     def _done(self, name: str, status: str, t0: float) -> None:
         self.inflight[name] -= 1
