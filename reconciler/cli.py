@@ -207,7 +207,8 @@ def _wait_converged(url: str, generation: str, timeout: float) -> int:
             ):
                 for name in last.get("failed", []):
                     info: dict[str, Any] = next((m for m in status["loaded_models"] if m["name"] == name), {})
-                    print(f"{name}: {info.get('error_message')}", file=sys.stderr)
+                    update = (info.get("update") or {}).get("error")
+                    print(f"{name}: {update or info.get('error_message')}", file=sys.stderr)
                     for line in info.get("log_tail", [])[-5:]:
                         print(f"  | {line}", file=sys.stderr)
                 for error in last.get("errors", []):
@@ -259,7 +260,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 up,
                 str(m["restarts"]),
                 f"{measured / 2**20:.0f} MiB" if measured else "-",
-                (m["error_message"] or "")[:50] + ("…" if len(m["error_message"] or "") > 50 else ""),
+                _error(m)[:50] + ("…" if len(_error(m)) > 50 else ""),
             )
         )
     for name in status.get("unloaded_models") or []:
@@ -268,11 +269,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for m in status["loaded_models"]:
-        if m["error_message"] and len(m["error_message"]) > 50:
-            print(f"{m['name']}: {m['error_message']}")
+        if len(_error(m)) > 50:
+            print(f"{m['name']}: {_error(m)}")
     for problem in status.get("spec_error") or []:
         print(f"spec error: {problem}")
     return 0
+
+
+def _error(model: dict[str, Any]) -> str:
+    """What is wrong with a model: its failure, or a failed update while the old version serves."""
+    update = (model.get("update") or {}).get("error")
+    if update:
+        return f"{update} (the previous version serves)"
+    return str(model.get("error_message") or "")
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

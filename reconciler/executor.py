@@ -1,8 +1,15 @@
-"""Runs a Plan: unloads first (free memory), then reloads and loads, then activate.
+"""Runs a Plan by handing each model's actions to that model's owner (owner.py), and applies what
+needs no process at once (activate, updates in place).
 
-Actions on different models run concurrently (asyncio.TaskGroup); one model's actions never
-overlap (a lock per model). An unload or reload first stops routing to the model, then drains its
-in-flight /v1 requests (bounded) before the old process stops.
+`apply()` does not wait for loads: owners of different models converge in parallel and call back
+when done, which asks for a confirming pass. Memory alone orders work across models: a load or a
+surge on a GPU waits for the unloads and recreates of this plan that free that GPU.
+
+A replacement (reload) surges when the plan says so: the new process starts beside the old one,
+routing switches when it is ready, the old one drains and stops; if the new one never becomes
+ready the old one keeps serving. Otherwise it recreates: drain, stop, start, and if the new
+process fails, start the previous version again. Either way a failed update is recorded on the
+model (`update_*`) with a backoff before the same spec is tried again.
 """
 
 from __future__ import annotations
@@ -10,70 +17,153 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import httpx
 
+from reconciler.owner import Owner
 from reconciler.plan import Action, Plan
+from reconciler.spec import ModelSpec
 from reconciler.state import ModelState
 from reconciler.store import StateStore
 from reconciler.supervisor import Supervisor
 
 log = logging.getLogger("xgen.executor")
-# Free memory first, start processes next, then adapters on the processes that now run.
-PHASE = {"unload": 0, "remove_adapter": 0, "reload": 1, "load": 1, "add_adapter": 2, "update": 2, "activate": 3}
-
-
-@dataclass
-class Outcome:
-    ok: bool = True
-    failed: list[str] = field(default_factory=list)
 
 
 class Executor:
-    def __init__(self, store: StateStore, supervisor: Supervisor, drain_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        supervisor: Supervisor,
+        drain_s: float = 30.0,
+        on_done: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
         self.supervisor = supervisor
         self.drain_s = drain_s
-        self.inflight: dict[str, int] = {}  # /v1 requests in flight per model (the proxy counts)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.on_done = on_done  # a model's owner finished: ask for a confirming pass
+        self.inflight: dict[int, int] = {}  # /v1 requests in flight per backend port (the proxy counts)
+        self.owners: dict[str, Owner] = {}
 
-    async def apply(self, plan: Plan) -> Outcome:
-        outcome = Outcome()
-        phases = [[a for a in plan.actions if PHASE[a.kind] == i] for i in range(3)]
-        for phase in phases:
-            if phase:
-                async with asyncio.TaskGroup() as tg:
-                    for action in phase:
-                        tg.create_task(self._run(action, outcome))
+    @property
+    def busy(self) -> bool:
+        return any(o.busy for o in self.owners.values())
+
+    def apply(self, plan: Plan) -> None:
+        """Hand every model its actions; activate and in-place updates take effect now."""
+        per_model: dict[str, list[Action]] = {}
         for action in plan.actions:
             if action.kind == "activate":
                 self.store.active = action.model or None
                 log.info("active model → %s", action.model or "none")
                 self.store.publish("active", {"model": action.model or None})
-        return outcome
-
-    async def _run(self, action: Action, outcome: Outcome) -> None:
-        lock = self._locks.setdefault(action.model, asyncio.Lock())
-        t0 = time.monotonic()
-        async with lock:
-            ok = True
-            if action.kind == "unload":
-                await self._retire(action.model, action.reason)
             elif action.kind == "update":
                 if action.model:  # a model's aliases or timeouts; server settings apply with the spec
                     self.store.update(action.model, spec=action.spec)
-            elif action.adapter is not None:
-                ok = await self._adapter(action)
             else:
-                assert action.spec is not None, "load and reload carry the spec"
-                if action.kind == "reload":
-                    await self._retire(action.model, "reload: " + ", ".join(map(str, action.changes)))
-                ok = await self.supervisor.start(action.model, action.spec, action.backend)
-        log.info("%s %s: %s in %.2f s", action.kind, action.model, "ok" if ok else "failed", time.monotonic() - t0)
-        if not ok:
-            outcome.ok = False
-            outcome.failed.append(action.model)
+                per_model.setdefault(action.model, []).append(action)
+        freeing: dict[int, list[asyncio.Task[None]]] = {}
+        first = [n for n, acts in per_model.items() if any(self._frees(a) for a in acts)]
+        for name in [*first, *(n for n in per_model if n not in first)]:
+            actions = per_model[name]
+            gpus = {g for a in actions if a.spec for g in a.spec.gpus}
+            after = [t for g in gpus for t in freeing.get(g, [])] if name not in first else []
+            task = self._owner(name).want(actions, after)
+            if task is not None and name in first:
+                for gpu in self._devices(name, actions):
+                    freeing.setdefault(gpu, []).append(task)
+
+    def _frees(self, action: Action) -> bool:
+        return action.kind == "unload" or (action.kind == "reload" and action.strategy != "surge")
+
+    def _devices(self, name: str, actions: Sequence[Action]) -> set[int]:
+        info = self.store.models.get(name)
+        return {*(info.spec.gpus if info else ()), *(g for a in actions if a.spec for g in a.spec.gpus)}
+
+    def _owner(self, name: str) -> Owner:
+        owner = self.owners.get(name)
+        if owner is None:
+            owner = self.owners[name] = Owner(name, lambda actions: self._run(name, actions), self._finished)
+        return owner
+
+    def _finished(self, name: str, ok: bool) -> None:
+        self.on_done()
+
+    async def shutdown(self) -> None:
+        """Stop every change in progress (half-started processes are stopped)."""
+        await asyncio.gather(*(o.cancel() for o in self.owners.values()))
+
+    async def _run(self, name: str, actions: Sequence[Action]) -> bool:
+        ok = True
+        for action in actions:
+            t0 = time.monotonic()
+            if action.kind == "unload":
+                await self._retire(name, action.reason)
+                done = True
+            elif action.adapter is not None:
+                done = await self._adapter(action)
+            elif action.kind == "reload":
+                done = await self._replace(action)
+            else:
+                assert action.spec is not None, "load carries the spec"
+                done = await self.supervisor.start(name, action.spec, action.backend)
+            log.info("%s %s: %s in %.2f s", action.kind, name, "ok" if done else "failed", time.monotonic() - t0)
+            ok = ok and done
+        return ok
+
+    async def _replace(self, action: Action) -> bool:
+        name, spec = action.model, action.spec
+        assert spec is not None, "reload carries the spec"
+        info = self.store.models.get(name)
+        why = "replace: " + ", ".join(map(str, action.changes))
+        if action.strategy == "surge" and info is not None and info.state is ModelState.LOADED:
+            old_port = info.port
+            old, failure = await self.supervisor.surge(name, spec, action.backend)
+            if failure is not None:
+                self._update_failed(name, spec, failure, "the old process kept serving")
+                return False
+            if old is not None:
+                waited = await self._drain(old_port)
+                self.store.publish("drained", {"model": name, "port": old_port, "waited_s": round(waited, 3)})
+                await self.supervisor.stop_child(name, old)
+            return True
+        previous = (info.spec, info.backend) if info is not None and info.state is ModelState.LOADED else None
+        await self._retire(name, why)
+        if await self.supervisor.start(name, spec, action.backend):
+            return True
+        if previous is None:
+            return False
+        failure = self.store.models[name].error_message or "the new process failed"
+        if await self.supervisor.start(name, *previous):
+            self._update_failed(name, spec, failure, "the previous version was started again")
+        return False
+
+    def _update_failed(self, name: str, target: ModelSpec, why: str, then: str) -> None:
+        info = self.store.models[name]
+        failures = info.update_failures + 1 if info.update_target == target else 1
+        retry_at = time.time() + self.supervisor.policy.backoff_s(failures)
+        error = f"update failed: {why}"
+        self.store.update(
+            name, update_target=target, update_error=error, update_failures=failures, update_retry_at=retry_at
+        )
+        log.warning("%s: %s; %s", name, error, then)
+        self.store.publish("rolled_back", {"model": name, "reason": why, "then": then, "retry_at": retry_at})
+
+    async def _retire(self, name: str, why: str) -> None:
+        """Stop routing new requests to the model (UNLOADING), let those in flight finish, stop it."""
+        info = self.store.models.get(name)
+        if info is not None and info.state is ModelState.LOADED:
+            self.store.transition(name, ModelState.UNLOADING, why)
+            await self._drain(info.port)
+        await self.supervisor.stop(name, why)
+
+    async def _drain(self, port: int | None) -> float:
+        """Let /v1 requests already sent to `port` finish (bounded by drain_s); seconds waited."""
+        t0 = time.monotonic()
+        while port is not None and self.inflight.get(port, 0) > 0 and time.monotonic() - t0 < self.drain_s:
+            await asyncio.sleep(0.02)
+        return time.monotonic() - t0
 
     async def _adapter(self, action: Action) -> bool:
         """Load or unload a LoRA adapter in a running vLLM (VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
@@ -103,17 +193,3 @@ class Executor:
             error_message=None,
         )
         return True
-
-    async def _retire(self, name: str, why: str) -> None:
-        """Stop routing new requests to the model (UNLOADING), let those in flight finish, stop it."""
-        info = self.store.models.get(name)
-        if info is not None and info.state is ModelState.LOADED:
-            self.store.transition(name, ModelState.UNLOADING, why)
-            await self._drain(name)
-        await self.supervisor.stop(name, why)
-
-    async def _drain(self, name: str) -> None:
-        """Let /v1 requests already sent to the old process finish (bounded by drain_s)."""
-        deadline = time.monotonic() + self.drain_s
-        while self.inflight.get(name, 0) > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)

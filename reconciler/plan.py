@@ -29,7 +29,7 @@ _ORDER: dict[str, int] = {
 # Backends that add and remove LoRA adapters at run time (vLLM with runtime updating enabled).
 RUNTIME_ADAPTERS = frozenset({"vllm"})
 # Fields whose change never needs the process restarted: routing reads them from the spec.
-NO_RESTART = frozenset({"aliases", "desired", "ready_timeout_s"})
+NO_RESTART = frozenset({"aliases", "desired", "ready_timeout_s", "replace"})
 # Server settings that only a restart of `xgen serve` changes (where it listens, keeps state).
 DAEMON_RESTART = frozenset({"host", "port", "state_dir"})
 
@@ -44,6 +44,9 @@ class ObservedModel:
     failures: int = 0
     retry_due: bool = True
     error: str | None = None
+    failed_target: ModelSpec | None = None  # a replacement to this spec failed; the old one serves
+    update_retry_due: bool = True
+    update_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Observed:
                 m.get("failures", 0),
                 (m.get("retry_at") or 0) <= now,
                 m.get("error_message"),
+                ModelSpec.model_validate(m["update"]["target"]) if (m.get("update") or {}).get("target") else None,
+                ((m.get("update") or {}).get("retry_at") or 0) <= now,
+                (m.get("update") or {}).get("error"),
             )
             for m in status.get("loaded_models", [])
             if m.get("spec") is not None and m["state"] != ModelState.GONE.value
@@ -109,6 +115,7 @@ class Action:
     spec: ModelSpec | None = None
     changes: tuple[Change, ...] = ()
     adapter: LoraAdapter | None = None
+    strategy: Literal["surge", "recreate"] | None = None  # how a reload replaces the process
 
     def order(self) -> tuple[int, str, str]:
         return (_ORDER[self.kind], self.model, self.adapter.name if self.adapter else "")
@@ -121,6 +128,7 @@ class Action:
             "reason": self.reason,
             "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in self.changes],
             "adapter": self.adapter.model_dump(mode="json") if self.adapter else None,
+            "strategy": self.strategy,
         }
 
 
@@ -251,6 +259,7 @@ def plan(spec: Spec, observed: Observed) -> Plan:
     actions: list[Action] = []
     notes: list[str] = []
     drift: list[Drift] = []
+    budgets, errors = _check_placement(spec, observed)
     wanted = spec.loaded
     max_restarts = spec.server.max_restarts
     for name in sorted(set(observed.models) - set(wanted)):
@@ -270,7 +279,15 @@ def plan(spec: Spec, observed: Observed) -> Plan:
             actions.extend(adapter_actions(name, backend, want, have.spec))
             changes = ()
         elif changes:
-            actions.append(Action("reload", name, "spec changed", backend, want, (*changes, *in_place)))
+            if have.failed_target == want and not have.update_retry_due:
+                serving = "serving the previous version" if have.state == ModelState.LOADED else "nothing serves"
+                drift.append(Drift(name, have.state.value, f"{have.update_error}; {serving}; retry after the backoff"))
+                continue
+            strategy, how = replace_strategy(name, want, have, observed, budgets)
+            retry = f"; retry after: {have.update_error}" if have.failed_target == want else ""
+            actions.append(
+                Action("reload", name, f"replace ({how}){retry}", backend, want, (*changes, *in_place), None, strategy)
+            )
             continue
         if in_place:
             actions.append(Action("update", name, "applies without a restart", backend, want, in_place))
@@ -297,7 +314,6 @@ def plan(spec: Spec, observed: Observed) -> Plan:
     active = spec.resolve(spec.active) if spec.active else _default_active(spec)
     if active != observed.active:
         actions.append(Action("activate", active or "", f"was {observed.active or 'none'}"))
-    budgets, errors = _check_placement(spec, observed)
     notes.extend(_placement_notes(spec))
     return Plan(
         spec.generation,
@@ -307,6 +323,30 @@ def plan(spec: Spec, observed: Observed) -> Plan:
         tuple(budgets),
         tuple(drift),
     )
+
+
+def replace_strategy(
+    name: str, want: ModelSpec, have: ObservedModel, observed: Observed, budgets: list[dict[str, Any]]
+) -> tuple[Literal["surge", "recreate"], str]:
+    """Surge (new process beside the old, switch when ready: no downtime) when the memory allows
+    both at once on the model's devices, else recreate (stop, then start). With the reason."""
+    if want.replace == "recreate":
+        return "recreate", "recreate: replace: recreate"
+    if have.state != ModelState.LOADED:
+        return "recreate", f"recreate: nothing serves now ({have.state.value})"
+    if want.port is not None or have.spec.port is not None:
+        return "recreate", "recreate: a fixed port cannot serve two processes"
+    if want.replace == "surge" or not want.gpus:  # CPU: no device budget to prove otherwise
+        return "surge", "surge"
+    need = observed.estimates.get(name)
+    if need is None:
+        return "recreate", "recreate: no memory estimate to prove that both fit"
+    for budget in budgets:
+        if budget["gpu"] in want.gpus:
+            free = budget["available_bytes"] - budget["planned_bytes"]  # after every planned model, this one too
+            if need > free:
+                return "recreate", f"recreate: needs {_gib(need)} more on GPU {budget['gpu']}, {_gib(free)} free"
+    return "surge", "surge"
 
 
 def _server_update(want: Mapping[str, Any], have: Mapping[str, Any], notes: list[str]) -> list[Action]:

@@ -52,3 +52,8 @@ class PortAllocator:
 
     def release(self, name: str) -> None:
         self.held.pop(name, None)
+
+    def move(self, src: str, dst: str) -> None:
+        """Hold `src`'s port under `dst` (a surge's new process becomes the model's)."""
+        if src in self.held:
+            self.held[dst] = self.held.pop(src)

@@ -101,7 +101,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
         spec.server.stop_grace_s,
         on_exit=lambda: reconciler.request_pass() if reconciler else None,
     )
-    executor = Executor(store, supervisor, DRAIN_S)
+    executor = Executor(store, supervisor, DRAIN_S, on_done=lambda: reconciler.request_pass() if reconciler else None)
     reconciler = Reconciler(file, store, executor, GpuMonitor(), state_dir, spec if kept else None)
     app = create_app(store, lambda: reconciler.spec if reconciler else None, executor.inflight, backends)
     server = _Server(uvicorn_config(app, host, port))
@@ -141,6 +141,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
     loop_task.cancel()
     with contextlib.suppress(BaseException):
         await loop_task
+    await executor.shutdown()
     await supervisor.shutdown()
     statedir.remove_address(state_dir)
     log.info("xgen stopped; no backend left running")

@@ -184,6 +184,12 @@ class ModelSpec(_Strict):
     port: int | None = Field(None, ge=1, le=65535, description="Fixed backend port (default: from port_range).")
     aliases: list[str] = Field(default_factory=list, description="Other names /v1 requests may use.")
     desired: Desired = "loaded"
+    replace: Literal["auto", "surge", "recreate"] = Field(
+        "auto",
+        description="How a launch change replaces the running process: `surge` starts the new one beside the old "
+        "and switches when it is ready (no downtime; needs memory for both), `recreate` stops the old one first, "
+        "`auto` surges when the memory estimate allows.",
+    )
     ready_timeout_s: float | None = Field(None, gt=0, description="Readiness timeout (driver default).")
     llama: LlamaOptions = Field(default_factory=LlamaOptions)
     vllm: VllmOptions = Field(default_factory=VllmOptions)
@@ -593,6 +599,8 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
                 reader.problem(
                     (*at, "extra_args", i), f"'{flag}' is managed by xgen: set {MANAGED_FLAGS[flag]} instead"
                 )
+        if model.replace == "surge" and model.port is not None:
+            reader.problem((*at, "replace"), "surge needs a second port while both run: drop the fixed `port`")
         tp = model.vllm.tensor_parallel_size
         if tp is not None and model.gpus and tp != len(model.gpus):
             reader.problem(

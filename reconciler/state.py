@@ -65,6 +65,11 @@ class ModelInfo:
     estimated_bytes: int | None = None
     measured_bytes: int | None = None
     since: float = 0.0
+    # a replacement that failed: the spec it was for, why, and when it may be tried again
+    update_target: ModelSpec | None = None
+    update_error: str | None = None
+    update_failures: int = 0
+    update_retry_at: float | None = None
 
     @property
     def endpoint(self) -> str | None:
@@ -103,6 +108,12 @@ class ModelInfo:
             "gpu_index": list(self.spec.gpus),
             "config": {"n_ctx": self.spec.n_ctx, "n_gpu_layers": self.spec.n_gpu_layers, "device": self.device},
             "memory": {"estimated_bytes": self.estimated_bytes, "measured_bytes": self.measured_bytes},
+            "update": {
+                "target": self.update_target.model_dump(mode="json") if self.update_target else None,
+                "error": self.update_error,
+                "failures": self.update_failures,
+                "retry_at": self.update_retry_at,
+            },
             "spec": self.spec.model_dump(mode="json"),
         }
 

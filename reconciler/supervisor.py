@@ -93,6 +93,9 @@ class Child:
     proc: asyncio.subprocess.Process
     argv: list[str]
     started: float
+    port: int
+    launch_hash: str
+    pidfile: Path | None = None
     stopping: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -142,6 +145,9 @@ class Supervisor:
                 info.failures,
                 info.retry_at is None or info.retry_at <= now,
                 info.error_message,
+                info.update_target,
+                info.update_retry_at is None or info.update_retry_at <= now,
+                info.update_error,
             )
             for name, info in self.store.models.items()
         }
@@ -149,8 +155,8 @@ class Supervisor:
     # ------------------------------------------------ start
 
     async def start(self, name: str, model: ModelSpec, backend: str) -> bool:
-        """Start the model's process and wait until it is ready. True when LOADED."""
-        driver = self.drivers.get(backend)
+        """Start the model's process and wait until it is ready. True when LOADED. Cancelled
+        (a newer spec superseded this load), it stops the half-started process first."""
         old = self.store.models.get(name)
         prev_port = old.port if old and old.port else self.last_port.get(name)
         failures = old.failures if old else 0
@@ -173,19 +179,98 @@ class Supervisor:
                 restarts=restarts,
                 retry_at=None,
             )
-        if driver is None:
-            return self._fail(name, failures, f"backend {backend} is not available in this xgen")
+        t0 = time.monotonic()
+        spawned = await self._spawn(name, name, model, backend, prev_port)
+        if isinstance(spawned, str):
+            return self._fail(name, failures, spawned)
+        child = spawned
+        self.children[name] = child
+        self.backends[name] = backend
+        self.store.update(
+            name, pid=child.proc.pid, port=child.port, started_at=child.started, launch_hash=child.launch_hash
+        )
+        log.info("%s: started %s pid %d on port %d", name, backend, child.proc.pid, child.port)
         try:
-            port = self.ports.allocate(name, model.port, prev_port)
+            why = await self._ready(name, child, backend, model)
+        except asyncio.CancelledError:
+            self.store.transition(name, ModelState.UNLOADING, "superseded by a newer spec")
+            self.store.transition(name, ModelState.GONE, "superseded by a newer spec")
+            raise
+        if why is not None:
+            return self._fail(name, failures, why)
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(name, child))
+        self.store.transition(name, ModelState.LOADED, f"ready in {time.monotonic() - t0:.2f} s")
+        return True
+
+    async def surge(self, name: str, model: ModelSpec, backend: str) -> tuple[Child | None, str | None]:
+        """Start `model` beside the running process and, once it is ready, make it the model's
+        process (routing follows the port in one assignment). Returns the old child, to be
+        drained and stopped by the caller, or the reason the new process never became ready
+        (the old one is untouched and keeps serving)."""
+        key = f"{name}+next"
+        spawned = await self._spawn(name, key, model, backend, None)
+        if isinstance(spawned, str):
+            return None, spawned
+        child = spawned
+        self.children[key] = child
+        log.info("%s: started the replacement (%s pid %d on port %d)", name, backend, child.proc.pid, child.port)
+        self.store.publish("replace_started", {"model": name, "pid": child.proc.pid, "port": child.port})
+        why = await self._ready(key, child, backend, model)
+        if why is not None:
+            cause = failure_cause(self.log_tail(name))
+            return None, f"{why}: {cause}" if cause else why
+        self.store.publish("ready", {"model": name, "pid": child.proc.pid, "port": child.port})
+        old = self.children.pop(name, None)
+        self.children.pop(key, None)
+        self.children[name] = child
+        self.backends[name] = backend
+        self.ports.move(name, f"{name}+old")
+        self.ports.move(key, name)
+        self.last_port[name] = child.port
+        info = self.store.models[name]
+        if info.state is not ModelState.LOADED:  # the old process died meanwhile
+            self.store.transition(name, ModelState.LOADING, "replacement ready", retry_at=None)
+            self.store.transition(name, ModelState.LOADED, "replacement ready")
+        self.store.update(
+            name,
+            spec=model,
+            backend=backend,
+            pid=child.proc.pid,
+            port=child.port,
+            started_at=child.started,
+            launch_hash=child.launch_hash,
+            error_message=None,
+            log_tail=(),
+            update_target=None,
+            update_error=None,
+            update_failures=0,
+            update_retry_at=None,
+        )
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(name, child))
+        self.store.publish("switched", {"model": name, "pid": child.proc.pid, "port": child.port})
+        return old, None
+
+    async def stop_child(self, name: str, child: Child) -> None:
+        """Stop a process that no longer serves the model (the old one after a surge)."""
+        await self._kill(name, child)
+        self.ports.release(f"{name}+old")
+
+    async def _spawn(self, name: str, key: str, model: ModelSpec, backend: str, prefer_port: int | None) -> Child | str:
+        """Start the process (not yet ready), holding a port under `key`; or why it could not."""
+        driver = self.drivers.get(backend)
+        if driver is None:
+            return f"backend {backend} is not available in this xgen"
+        try:
+            port = self.ports.allocate(key, model.port, prefer_port)
         except PortsExhausted as exc:
-            return self._fail(name, failures, str(exc))
+            return str(exc)
         try:
             argv = driver.command(name, model, port)
         except FileNotFoundError as exc:
-            return self._fail(name, failures, str(exc))
+            self.ports.release(key)
+            return str(exc)
         extra = driver.environment(model)
         logfile = self._open_log(name)
-        t0 = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -197,23 +282,28 @@ class Supervisor:
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
-            return self._fail(name, failures, f"could not start {argv[0]}: {exc}")
+            self.ports.release(key)
+            return f"could not start {argv[0]}: {exc}"
         finally:
             logfile.close()
-        child = Child(proc, argv, time.time())
-        self.children[name] = child
         self.last_port[name] = port
-        self.backends[name] = backend
-        self._write_pidfile(name, proc.pid, argv)
-        self.store.update(name, pid=proc.pid, port=port, started_at=child.started, launch_hash=launch_hash(argv, extra))
-        log.info("%s: started %s pid %d on port %d", name, backend, proc.pid, port)
-        ok, why = await self._wait_ready(child, driver.health_url(port), ready_timeout(driver, model))
+        return Child(proc, argv, time.time(), port, launch_hash(argv, extra), self._write_pidfile(name, proc.pid, argv))
+
+    async def _ready(self, key: str, child: Child, backend: str, model: ModelSpec) -> str | None:
+        """Wait for readiness: None when ready, else why not (the process is stopped then, and
+        also when the wait is cancelled)."""
+        driver = self.drivers[backend]
+        try:
+            ok, why = await self._wait_ready(child, driver.health_url(child.port), ready_timeout(driver, model))
+        except asyncio.CancelledError:
+            await asyncio.shield(self._kill(key, child))
+            self.ports.release(key)
+            raise
         if not ok:
-            await self._kill(name, child)
-            return self._fail(name, failures, why)
-        child.watcher = asyncio.get_running_loop().create_task(self._watch(name, child))
-        self.store.transition(name, ModelState.LOADED, f"ready in {time.monotonic() - t0:.2f} s")
-        return True
+            await self._kill(key, child)
+            self.ports.release(key)
+            return why
+        return None
 
     async def _wait_ready(self, child: Child, url: str, timeout: float) -> tuple[bool, str]:
         deadline = time.monotonic() + timeout
@@ -259,7 +349,8 @@ class Supervisor:
         self.children.pop(name, None)
         # what the backend started itself (vLLM's engine processes) must not outlive it
         await terminate_group(child.proc.pid, lambda: True, LEFTOVER_GRACE_S)
-        self._remove_pidfile(name)
+        if child.pidfile is not None:
+            child.pidfile.unlink(missing_ok=True)
         info = self.store.models[name]
         up = time.time() - child.started
         failures = 1 if up >= self.policy.reset_s else info.failures + 1
@@ -292,7 +383,8 @@ class Supervisor:
             child.watcher.cancel()
         if self.children.get(name) is child:
             del self.children[name]
-        self._remove_pidfile(name)
+        if child.pidfile is not None:
+            child.pidfile.unlink(missing_ok=True)
 
     async def shutdown(self) -> None:
         """Stop every child concurrently."""
@@ -329,16 +421,15 @@ class Supervisor:
         text = text.rsplit("===== xgen: starting", 1)[-1]
         return tuple(text.splitlines()[1:][-lines:])
 
-    def _pidfile(self, name: str) -> Path:
-        return self.state_dir / "pids" / f"{name}.json"
-
-    def _write_pidfile(self, name: str, pid: int, argv: list[str]) -> None:
-        with contextlib.suppress(psutil.Error):
+    def _write_pidfile(self, name: str, pid: int, argv: list[str]) -> Path | None:
+        """One file per child (a model has two during a surge), for the next daemon's cleanup."""
+        path = self.state_dir / "pids" / f"{name}.{pid}.json"
+        try:
             created = psutil.Process(pid).create_time()
-            self._pidfile(name).write_text(json.dumps({"pid": pid, "create_time": created, "argv": argv}))
-
-    def _remove_pidfile(self, name: str) -> None:
-        self._pidfile(name).unlink(missing_ok=True)
+        except psutil.Error:
+            return None
+        path.write_text(json.dumps({"pid": pid, "create_time": created, "argv": argv}))
+        return path
 
 
 async def terminate_group(pid: int, exited: Callable[[], bool], grace_s: float) -> None:

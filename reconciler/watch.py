@@ -80,6 +80,7 @@ class Reconciler:
         self._kept = spec.generation if spec else None
         self._settle = Settle()
         self._due: float | None = None  # monotonic time of a pass asked for ahead (settle, retry)
+        self._applied: dict[str, object] | None = None  # the plan the last pass handed out
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -109,7 +110,8 @@ class Reconciler:
     def _sleep_s(self) -> float:
         """Until the next pass nobody will ask for: resync, the earliest retry, a pass due."""
         now = time.time()
-        waits = [RESYNC_S, *(i.retry_at - now for i in self.store.models.values() if i.retry_at and i.retry_at > now)]
+        due = [t for i in self.store.models.values() for t in (i.retry_at, i.update_retry_at) if t and t > now]
+        waits = [RESYNC_S, *(t - now for t in due)]
         if self._due is not None:
             waits.append(self._due - time.monotonic())
         return max(0.01, min(waits))
@@ -194,7 +196,7 @@ class Reconciler:
             self.store.last_pass = {"generation": spec.generation, "ok": False, "errors": list(p.errors)}
             return
         self.store.plan_errors = None
-        ok = await self._apply(p, shown)
+        ok = self._apply(p, shown)
         for name, estimate in observed.estimates.items():  # after apply: new models exist now
             self.store.update(name, estimated_bytes=estimate)
         self._reset_failures(spec)
@@ -202,23 +204,28 @@ class Reconciler:
             "generation": spec.generation,
             "ok": ok,
             "applied": None if p.empty else shown,
-            "failed": [n for n, i in self.store.models.items() if i.state is ModelState.ERROR],
+            "failed": self._failing(),
         }
-        if ok and p.empty and spec is self.spec:
+        if ok and p.matches and spec is self.spec:
             self.store.observed_generation = spec.generation
 
-    async def _apply(self, p: Plan, shown: dict[str, object]) -> bool:
-        if p.empty:
-            return not any(i.state is ModelState.ERROR for i in self.store.models.values())
-        repeated = self.store.last_pass is not None and self.store.last_pass.get("applied") == shown
-        self.store.publish("plan", {**shown, "applied": True})
-        ok = (await self.executor.apply(p)).ok
-        if repeated and ok:
-            # the same plan again after it succeeded: a bug, not a reason to spin; resync later
-            log.error("the plan did not converge after it was applied; retrying at the next resync")
-        else:
-            self.request_pass()  # confirm convergence with a fresh observation
-        return ok
+    def _apply(self, p: Plan, shown: dict[str, object]) -> bool:
+        """Hand the plan to the owners (they run in the background and ask for the next pass when
+        done); True when nothing is failing or still in progress."""
+        if not p.empty:
+            self.store.publish("plan", {**shown, "applied": True})
+            self.executor.apply(p)
+            if not self.executor.busy:  # all done in place: confirm with a fresh observation
+                if shown == self._applied:  # the same plan again right after it was applied: a bug
+                    log.error("the plan did not converge after it was applied; retrying at the next resync")
+                else:
+                    self.request_pass()
+        self._applied = None if p.empty else shown
+        return not self.executor.busy and not self._failing()
+
+    def _failing(self) -> list[str]:
+        """Models in ERROR, or whose last update failed (the old version serves)."""
+        return [n for n, i in self.store.models.items() if i.state is ModelState.ERROR or i.update_error]
 
     async def _read(self) -> tuple[Spec | None, list[Problem] | None, bool]:
         """The file's spec (or its problems), and whether its bytes have settled."""

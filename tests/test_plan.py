@@ -322,3 +322,52 @@ def test_plan_is_deterministic(spec: Spec, observed: Observed) -> None:
 def test_applying_a_plan_converges(spec: Spec, observed: Observed) -> None:
     after = apply(plan(spec, observed), observed)
     assert plan(spec, after).matches
+
+
+GPU_SPEC = "models:\n  big:\n    path: /m/big.gguf\n    gpu_index: 0\n    n_gpu_layers: -1\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "state", "estimate", "used", "expected"),
+    [
+        (SPEC, ModelState.LOADED, None, 0, ("surge", "surge")),  # CPU
+        (SPEC.replace("n_ctx: 4096", "n_ctx: 4096\n    replace: recreate"), ModelState.LOADED, None, 0,
+         ("recreate", "recreate: replace: recreate")),
+        (SPEC, ModelState.ERROR, None, 0, ("recreate", "recreate: nothing serves now (ERROR)")),
+        (SPEC.replace("n_ctx: 4096", "n_ctx: 4096\n    port: 9100"), ModelState.LOADED, None, 0,
+         ("recreate", "recreate: a fixed port cannot serve two processes")),
+        (GPU_SPEC, ModelState.LOADED, None, 0, ("recreate", "recreate: no memory estimate to prove that both fit")),
+        (GPU_SPEC, ModelState.LOADED, 30 * 2**30, 0, ("surge", "surge")),  # 30 + 30 GiB fit in 80
+        (GPU_SPEC, ModelState.LOADED, 50 * 2**30, 0,
+         ("recreate", "recreate: needs 50.00 GiB more on GPU 0, 30.00 GiB free")),
+    ],
+    ids=["cpu", "forced-recreate", "not-serving", "fixed-port", "gpu-no-estimate", "gpu-fits", "gpu-short"],
+)
+def test_replace_strategy(text: str, state: ModelState, estimate: int | None, used: int,
+                          expected: tuple[str, str]) -> None:
+    spec = spec_of(text)
+    name = next(iter(spec.loaded))
+    want = spec.models[name]
+    have = ObservedModel(want.model_copy(update={"n_ctx": 1024}), "llama-server", state)
+    gpu = GpuInfo(0, "H100", "nvidia", 80 * 2**30, memory_used=(estimate or 0) + used)
+    observed = Observed({name: have}, name, (gpu,), "pynvml", {name: estimate} if estimate else {})
+    [reload] = [a for a in plan(spec, observed).actions if a.kind == "reload"]
+    assert (reload.strategy, reload.reason) == (expected[0], f"replace ({expected[1]})")
+
+
+def test_a_failed_update_waits_for_its_backoff_then_retries() -> None:
+    spec = spec_of()
+    old = spec.models["chat"].model_copy(update={"n_ctx": 1024})
+    failed = ObservedModel(old, "llama-server", ModelState.LOADED, failed_target=spec.models["chat"],
+                           update_retry_due=False, update_error="update failed: exited with code 1")
+    p = plan(spec, Observed({**running(spec).models, "chat": failed}, "chat"))
+    assert p.empty and p.drift == (
+        Drift("chat", "LOADED", "update failed: exited with code 1; serving the previous version; retry after the "
+              "backoff"),
+    )
+    due = ObservedModel(old, "llama-server", ModelState.LOADED, failed_target=spec.models["chat"],
+                        update_retry_due=True, update_error="update failed: exited with code 1")
+    [reload] = plan(spec, Observed({**running(spec).models, "chat": due}, "chat")).actions
+    assert reload.reason == "replace (surge); retry after: update failed: exited with code 1"
+    newer = spec_of(SPEC.replace("n_ctx: 4096", "n_ctx: 8192"))  # a later save is tried at once
+    assert kinds(plan(newer, Observed({**running(spec).models, "chat": failed}, "chat"))) == [("reload", "chat")]

@@ -70,7 +70,9 @@ def test_n_ctx_change_reloads_once(daemon: Daemon) -> None:
     model = daemon.model("smollm2")
     assert model is not None and model["config"]["n_ctx"] == 2048
     assert model["pid"] != old_pid and not pid_alive(old_pid)
-    assert loads(daemon, "smollm2") == 2
+    assert loads(daemon, "smollm2") == 1  # a surge: the model never left LOADED
+    steps = [e["kind"] for e in daemon.events() if e["kind"] in ("replace_started", "ready", "switched", "drained")]
+    assert steps == ["replace_started", "ready", "switched", "drained"]
     assert status["last_plan"]["actions"] == []  # converged: the confirming pass found nothing to do
     chat(daemon)
 
@@ -208,7 +210,7 @@ def test_apply_wait_follows_the_daemon(daemon: Daemon, tmp_path: Path) -> None:
                              str(daemon.file), "--auto-approve", "--wait", "--timeout", "60"],
                             capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "~ reload smollm2 (llama-server): spec changed" in result.stdout
+    assert "~ reload smollm2 (llama-server): replace (surge)" in result.stdout
     assert "~ n_ctx: 1024 → 512" in result.stdout
     assert "converged: generation" in result.stdout
     assert daemon.model("smollm2")["config"]["n_ctx"] == 512  # type: ignore[index]

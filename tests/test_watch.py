@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from reconciler import last_good
-from reconciler.executor import Outcome
 from reconciler.plan import Plan
 from reconciler.spec import load
 from reconciler.store import StateStore
@@ -24,12 +23,12 @@ class FlakyExecutor:
     def __init__(self) -> None:
         self.supervisor = SimpleNamespace(observed=dict, policy=None)
         self.calls = 0
+        self.busy = False
 
-    async def apply(self, plan: Plan) -> Outcome:
+    def apply(self, plan: Plan) -> None:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("boom in an action")
-        return Outcome()
 
 
 def reconciler(tmp_path: Path, text: str, executor: Any) -> tuple[Reconciler, StateStore]:

@@ -47,7 +47,7 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         status = "plan_refused"  # the spec is valid but cannot run here; nothing was changed
     elif store.pass_error:
         status = "pass_error"
-    elif any(i.state is ModelState.ERROR for i in store.models.values()):
+    elif any(i.state is ModelState.ERROR or i.update_error for i in store.models.values()):
         status = "degraded"
     elif store.settling:
         status = "settling"  # a save is less than settle_ms old: changes that take away wait
@@ -89,7 +89,7 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
 
 
 def create_app(
-    store: StateStore, get_spec: Callable[[], Spec | None], inflight: dict[str, int], backends: dict[str, Availability]
+    store: StateStore, get_spec: Callable[[], Spec | None], inflight: dict[int, int], backends: dict[str, Availability]
 ) -> Starlette:
     proxy = Proxy(store, get_spec, inflight)
     store.listeners.append(metrics.observe_event)

@@ -101,10 +101,10 @@ WAIT_WHILE: frozenset[ModelState | None] = frozenset({ModelState.LOADING, ModelS
 
 
 class Proxy:
-    def __init__(self, store: StateStore, get_spec: Any, inflight: dict[str, int]) -> None:
+    def __init__(self, store: StateStore, get_spec: Any, inflight: dict[int, int]) -> None:
         self.store = store
         self.get_spec = get_spec  # () -> Spec | None: the spec the daemon runs
-        self.inflight = inflight
+        self.inflight = inflight  # per backend port: a drain waits for its own process's requests
         self.clients: dict[int, aiohttp.ClientSession] = {}
 
     def client(self, port: int) -> aiohttp.ClientSession:
@@ -244,30 +244,30 @@ class Proxy:
 
     async def _send(self, request: Request, name: str, port: int, endpoint: str, body: bytes, t0: float) -> Response:
         headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}
-        self.inflight[name] = self.inflight.get(name, 0) + 1
+        self.inflight[port] = self.inflight.get(port, 0) + 1
         metrics.INFLIGHT.labels(name).inc()
         try:
             resp = await self.client(port).post(f"/v1/{endpoint}", data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
-            self._done(name, "502", t0)
+            self._done(name, port, "502", t0)
             return openai_error(502, f"backend of '{name}' did not answer: {exc!r}", "upstream_error")
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
         if resp.content_type == "text/event-stream":
             out_headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return StreamingResponse(self._stream(resp, name, t0), status_code=resp.status, headers=out_headers)
+            return StreamingResponse(self._stream(resp, name, port, t0), status_code=resp.status, headers=out_headers)
         try:
             content = await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
             resp.close()
-            self._done(name, "502", t0)
+            self._done(name, port, "502", t0)
             return openai_error(502, f"backend of '{name}' broke off: {exc!r}", "upstream_error")
         resp.release()
-        self._done(name, str(resp.status), t0)
+        self._done(name, port, str(resp.status), t0)
         if resp.status == 200 and endpoint != "embeddings":
             metrics.count_tokens(name, content)
         return Response(content, status_code=resp.status, headers=out_headers)
 
-    async def _stream(self, resp: aiohttp.ClientResponse, name: str, t0: float) -> AsyncIterator[bytes]:
+    async def _stream(self, resp: aiohttp.ClientResponse, name: str, port: int, t0: float) -> AsyncIterator[bytes]:
         usage = b""
         finished = False
         try:
@@ -282,11 +282,11 @@ class Proxy:
                 resp.release()
             else:
                 resp.close()
-            self._done(name, str(resp.status), t0)
+            self._done(name, port, str(resp.status), t0)
             metrics.count_stream_tokens(name, usage)
 
-    def _done(self, name: str, status: str, t0: float) -> None:
-        self.inflight[name] -= 1
+    def _done(self, name: str, port: int, status: str, t0: float) -> None:
+        self.inflight[port] -= 1
         metrics.INFLIGHT.labels(name).dec()
         metrics.REQUESTS.labels(name, status).inc()
         metrics.LATENCY.labels(name, status).observe(time.perf_counter() - t0)
