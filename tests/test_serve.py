@@ -132,11 +132,11 @@ def test_killed_backend_goes_to_error_then_back_to_loaded(daemon: Daemon) -> Non
 
 
 def test_failing_backend_reports_log_tail_and_backs_off(daemon: Daemon) -> None:
-    daemon.start()
     daemon.write(ONE_MODEL.replace("aliases: [default]", "aliases: [default]\n    extra_args: [--no-such-flag]"))
+    daemon.start()
     status = daemon.until(lambda s: s["loaded_models"] and s["loaded_models"][0]["state"] == "ERROR", 20, "ERROR")
     model = status["loaded_models"][0]
-    assert model["error_message"].startswith("exited with code")
+    assert model["error_message"].startswith("exited with code 1 while loading: error: invalid argument")
     assert any("no-such-flag" in line for line in model["log_tail"])
     assert model["retry_at"] > time.time() - 1
     r = daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})

@@ -11,6 +11,7 @@ that moved LiteLLM off httpx too); the rest of xgen keeps httpx, off the hot pat
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -105,24 +106,31 @@ class Proxy:
         self.store = store
         self.get_spec = get_spec  # () -> Spec | None: the spec the daemon runs
         self.inflight = inflight  # per backend port: a drain waits for its own process's requests
-        self.clients: dict[int, aiohttp.ClientSession] = {}
+        self.clients: dict[int, tuple[int | None, aiohttp.ClientSession]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def client(self, port: int) -> aiohttp.ClientSession:
-        """One keep-alive pool per backend, sized for many concurrent streams."""
-        client = self.clients.get(port)
-        if client is None or client.closed:
-            client = aiohttp.ClientSession(
-                base_url=f"http://127.0.0.1:{port}",
-                connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-                auto_decompress=False,  # bytes through as the backend sent them
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-            self.clients[port] = client
+    def client(self, port: int, pid: int | None) -> aiohttp.ClientSession:
+        """One keep-alive pool per backend process, sized for many concurrent streams. Keyed by
+        port and pid: a port reused by a new process must not get the old one's dead connections."""
+        held = self.clients.get(port)
+        if held is not None and held[0] == pid and not held[1].closed:
+            return held[1]
+        if held is not None:
+            closing = asyncio.get_running_loop().create_task(held[1].close())
+            self._closing.add(closing)  # held until done: a task nobody references may vanish
+            closing.add_done_callback(self._closing.discard)
+        client = aiohttp.ClientSession(
+            base_url=f"http://127.0.0.1:{port}",
+            connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            auto_decompress=False,  # bytes through as the backend sent them
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self.clients[port] = (pid, client)
         return client
 
     async def close(self) -> None:
-        for client in self.clients.values():
+        for _, client in self.clients.values():
             await client.close()
 
     def check_key(self, request: Request) -> Response | None:
@@ -223,7 +231,7 @@ class Proxy:
         elif payload.get("model") != decision.upstream_model:
             payload["model"] = decision.upstream_model
             body = json.dumps(payload).encode()
-        return await self._send(request, name, info.port, endpoint, body, t0)
+        return await self._send(request, name, info.port, info.pid, endpoint, body, t0)
 
     def _unavailable(self, name: str, info: ModelInfo | None, spec: Spec) -> Response:
         if info is None:
@@ -242,15 +250,24 @@ class Proxy:
         metrics.REQUESTS.labels(name, "503").inc()
         return openai_error(503, why, "service_unavailable", "model_unavailable", headers={"Retry-After": "5"})
 
-    async def _send(self, request: Request, name: str, port: int, endpoint: str, body: bytes, t0: float) -> Response:
+    async def _send(
+        self, request: Request, name: str, port: int, pid: int | None, endpoint: str, body: bytes, t0: float
+    ) -> Response:
         headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}
         self.inflight[port] = self.inflight.get(port, 0) + 1
         metrics.INFLIGHT.labels(name).inc()
         try:
-            resp = await self.client(port).post(f"/v1/{endpoint}", data=body, headers=headers)
+            try:
+                resp = await self.client(port, pid).post(f"/v1/{endpoint}", data=body, headers=headers)
+            except aiohttp.ServerDisconnectedError:
+                # a pooled keep-alive connection the backend had just closed (llama-server closes
+                # some after a stream): nothing was answered, so send it once more on a new one
+                resp = await self.client(port, pid).post(f"/v1/{endpoint}", data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             self._done(name, port, "502", t0)
-            return openai_error(502, f"backend of '{name}' did not answer: {exc!r}", "upstream_error")
+            return openai_error(
+                502, f"backend of '{name}' (pid {pid}, port {port}) did not answer: {exc!r}", "upstream_error"
+            )
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
         if resp.content_type == "text/event-stream":
             out_headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
