@@ -90,7 +90,8 @@ def _observed(spec: specmod.Spec, url: str | None) -> tuple[Observed, str | None
 
     monitor = GpuMonitor()
     gpus = monitor.sample().gpus
-    return Observed({}, None, gpus, monitor.detector, memory.spec_estimates(spec, gpus)), None
+    observed = Observed({}, None, gpus, monitor.detector, memory.spec_estimates(spec, gpus), None, os.cpu_count() or 1)
+    return observed, None
 
 
 # ---------------------------------------------------------------- commands

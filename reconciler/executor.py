@@ -105,6 +105,7 @@ class Executor:
                 done = await self._adapter(action)
             elif action.kind == "reload":
                 done = await self._replace(action)
+                self.store.publish("replaced", {"model": name, "strategy": action.strategy, "ok": done})
             else:
                 assert action.spec is not None, "load carries the spec"
                 done = await self.supervisor.start(name, action.spec, action.backend)
@@ -125,6 +126,7 @@ class Executor:
                 return False
             if old is not None:
                 waited = await self._drain(old_port)
+                log.info("%s: the old process drained in %.2f s", name, waited)
                 self.store.publish("drained", {"model": name, "port": old_port, "waited_s": round(waited, 3)})
                 await self.supervisor.stop_child(name, old)
             return True
@@ -148,7 +150,17 @@ class Executor:
             name, update_target=target, update_error=error, update_failures=failures, update_retry_at=retry_at
         )
         log.warning("%s: %s; %s", name, error, then)
-        self.store.publish("rolled_back", {"model": name, "reason": why, "then": then, "retry_at": retry_at})
+        self.store.publish(
+            "rolled_back",
+            {
+                "model": name,
+                "reason": why,
+                "then": then,
+                "retry_at": retry_at,
+                "generation": self.store.generation,  # the update that failed
+                "serving_generation": self.store.observed_generation,  # the last one fully applied
+            },
+        )
 
     async def _retire(self, name: str, why: str) -> None:
         """Stop routing new requests to the model (UNLOADING), let those in flight finish, stop it."""

@@ -215,10 +215,12 @@ class Supervisor:
         self.children[key] = child
         log.info("%s: started the replacement (%s pid %d on port %d)", name, backend, child.proc.pid, child.port)
         self.store.publish("replace_started", {"model": name, "pid": child.proc.pid, "port": child.port})
+        t0 = time.monotonic()
         why = await self._ready(key, child, backend, model)
         if why is not None:
             cause = failure_cause(self.log_tail(name))
             return None, f"{why}: {cause}" if cause else why
+        log.info("%s: the replacement is ready in %.2f s; switching to it", name, time.monotonic() - t0)
         self.store.publish("ready", {"model": name, "pid": child.proc.pid, "port": child.port})
         old = self.children.pop(name, None)
         self.children.pop(key, None)

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -149,6 +150,7 @@ class Reconciler:
             self.gpu.detector,
             memory.spec_estimates(spec, gpus),
             server_view(self.spec.server) if self.spec else None,  # adopted when the file settled
+            os.cpu_count() or 1,
         )
 
     async def reconcile(self) -> None:

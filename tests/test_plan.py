@@ -330,7 +330,10 @@ GPU_SPEC = "models:\n  big:\n    path: /m/big.gguf\n    gpu_index: 0\n    n_gpu_
 @pytest.mark.parametrize(
     ("text", "state", "estimate", "used", "expected"),
     [
-        (SPEC, ModelState.LOADED, None, 0, ("surge", "surge")),  # CPU
+        (SPEC, ModelState.LOADED, None, 0,
+         ("recreate", "recreate: two processes of 2 thread(s) each would oversubscribe 2 CPU core(s)")),
+        (SPEC.replace("n_ctx: 4096", "n_ctx: 4096\n    llama: {threads: 1}"), ModelState.LOADED, None, 0,
+         ("surge", "surge")),
         (SPEC.replace("n_ctx: 4096", "n_ctx: 4096\n    replace: recreate"), ModelState.LOADED, None, 0,
          ("recreate", "recreate: replace: recreate")),
         (SPEC, ModelState.ERROR, None, 0, ("recreate", "recreate: nothing serves now (ERROR)")),
@@ -341,7 +344,7 @@ GPU_SPEC = "models:\n  big:\n    path: /m/big.gguf\n    gpu_index: 0\n    n_gpu_
         (GPU_SPEC, ModelState.LOADED, 50 * 2**30, 0,
          ("recreate", "recreate: needs 50.00 GiB more on GPU 0, 30.00 GiB free")),
     ],
-    ids=["cpu", "forced-recreate", "not-serving", "fixed-port", "gpu-no-estimate", "gpu-fits", "gpu-short"],
+    ids=["cpu-too-few-cores", "cpu-one-thread-each", "forced-recreate", "not-serving", "fixed-port", "gpu-no-estimate", "gpu-fits", "gpu-short"],
 )
 def test_replace_strategy(text: str, state: ModelState, estimate: int | None, used: int,
                           expected: tuple[str, str]) -> None:
@@ -350,7 +353,7 @@ def test_replace_strategy(text: str, state: ModelState, estimate: int | None, us
     want = spec.models[name]
     have = ObservedModel(want.model_copy(update={"n_ctx": 1024}), "llama-server", state)
     gpu = GpuInfo(0, "H100", "nvidia", 80 * 2**30, memory_used=(estimate or 0) + used)
-    observed = Observed({name: have}, name, (gpu,), "pynvml", {name: estimate} if estimate else {})
+    observed = Observed({name: have}, name, (gpu,), "pynvml", {name: estimate} if estimate else {}, None, 2)
     [reload] = [a for a in plan(spec, observed).actions if a.kind == "reload"]
     assert (reload.strategy, reload.reason) == (expected[0], f"replace ({expected[1]})")
 
@@ -368,6 +371,7 @@ def test_a_failed_update_waits_for_its_backoff_then_retries() -> None:
     due = ObservedModel(old, "llama-server", ModelState.LOADED, failed_target=spec.models["chat"],
                         update_retry_due=True, update_error="update failed: exited with code 1")
     [reload] = plan(spec, Observed({**running(spec).models, "chat": due}, "chat")).actions
-    assert reload.reason == "replace (surge); retry after: update failed: exited with code 1"
+    assert reload.reason.startswith("replace (recreate: ") and reload.reason.endswith(
+        "; retry after: update failed: exited with code 1")
     newer = spec_of(SPEC.replace("n_ctx: 4096", "n_ctx: 8192"))  # a later save is tried at once
     assert kinds(plan(newer, Observed({**running(spec).models, "chat": failed}, "chat"))) == [("reload", "chat")]

@@ -14,6 +14,8 @@ from conftest import ONE_MODEL, Daemon, pid_alive
 from slow_backend import write_slow_backend
 
 pytestmark = pytest.mark.integration
+# one thread per llama-server: two of them (old and new, during a surge) fit on two cores
+SURGE = ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 1024\n    llama: {{threads: 1}}")
 
 
 class Traffic:
@@ -54,11 +56,11 @@ class Traffic:
 
 
 def test_surge_replacements_under_traffic_lose_nothing(daemon: Daemon) -> None:
-    daemon.launch(ONE_MODEL)
+    daemon.launch(SURGE)
     traffic = Traffic(daemon.url)
     pids = {daemon.model("smollm2")["pid"]}  # type: ignore[index]
     for n_ctx in (1536, 1024, 1536, 1024):
-        daemon.converged(daemon.write(ONE_MODEL.replace("n_ctx: 1024", f"n_ctx: {n_ctx}")))
+        daemon.converged(daemon.write(SURGE.replace("n_ctx: 1024", f"n_ctx: {n_ctx}")))
         pids.add(daemon.model("smollm2")["pid"])  # type: ignore[index]
     failures = traffic.finish()
     assert len(traffic.outcomes) > 20 and failures == [], failures[:5]
@@ -68,10 +70,10 @@ def test_surge_replacements_under_traffic_lose_nothing(daemon: Daemon) -> None:
 
 
 def test_a_failed_update_keeps_the_old_version_serving(daemon: Daemon) -> None:
-    daemon.launch(ONE_MODEL)
+    daemon.launch(SURGE)
     pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     traffic = Traffic(daemon.url)
-    bad = daemon.write(ONE_MODEL.replace("aliases: [default]", "aliases: [default]\n    extra_args: [--nope]"))
+    bad = daemon.write(SURGE.replace("aliases: [default]", "aliases: [default]\n    extra_args: [--nope]"))
     status = daemon.until(lambda s: s["loaded_models"][0]["update"]["error"], 20, "the failed update")
     model = status["loaded_models"][0]
     assert model["state"] == "LOADED" and model["pid"] == pid
@@ -81,8 +83,12 @@ def test_a_failed_update_keeps_the_old_version_serving(daemon: Daemon) -> None:
                for d in status["last_plan"]["drift"])
     time.sleep(1)
     assert traffic.finish() == []  # every request answered by the old version meanwhile
-    assert [e["kind"] for e in daemon.events() if e["kind"] == "rolled_back"]
-    fixed = daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 1536"))  # a later save is tried at once
+    rolled = [e["data"] for e in daemon.events() if e["kind"] == "rolled_back"]
+    assert rolled[0]["generation"] == bad and rolled[0]["serving_generation"] == status["observed_generation"]
+    metrics = daemon.http.get("/metrics").text
+    assert 'xgen_model_update_failed{model="smollm2"} 1.0' in metrics
+    assert 'xgen_model_replacements_total{model="smollm2",outcome="failed",strategy="surge"}' in metrics
+    fixed = daemon.write(SURGE.replace("n_ctx: 1024", "n_ctx: 1536"))  # a later save is tried at once
     status = daemon.converged(fixed)
     assert status["loaded_models"][0]["update"]["error"] is None and status["loaded_models"][0]["pid"] != pid
 

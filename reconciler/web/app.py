@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -68,6 +69,7 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         "observed_generation": store.observed_generation,
         "active_model": store.active,
         "gpu_info": store.gpu,
+        "cpu_count": os.cpu_count(),
         "available_backends": {n: {"available": a.ok, "detail": a.detail} for n, a in backends.items()},
         "loaded_models": models,
         "desired_models": {n: m.desired for n, m in spec.models.items()} if spec else {},

@@ -15,6 +15,18 @@ MODEL_STATE = Gauge("xgen_model_state", "1 for the state each model is in", ["mo
 CRASH_LOOPING = Gauge(
     "xgen_model_crash_looping", "1 while a model keeps failing (3+ consecutive failures)", ["model"], registry=REGISTRY
 )
+UPDATE_FAILED = Gauge(
+    "xgen_model_update_failed",
+    "1 while a model's last update failed and the previous version serves",
+    ["model"],
+    registry=REGISTRY,
+)
+REPLACEMENTS = Counter(
+    "xgen_model_replacements_total",
+    "Process replacements (launch changes)",
+    ["model", "strategy", "outcome"],
+    registry=REGISTRY,
+)
 PASS_ERRORS = Counter("xgen_pass_errors_total", "Reconcile passes that failed unexpectedly", registry=REGISTRY)
 TRANSITIONS = Counter("xgen_model_transitions_total", "State transitions", ["model", "to"], registry=REGISTRY)
 LOAD_SECONDS = Histogram(
@@ -44,6 +56,8 @@ def observe_event(kind: str, data: dict[str, object]) -> None:
     """Update counters from a store event (called for every published event)."""
     if kind == "pass_error":
         PASS_ERRORS.inc()
+    if kind == "replaced":
+        REPLACEMENTS.labels(str(data["model"]), str(data["strategy"]), "ok" if data["ok"] else "failed").inc()
     if kind != "state":
         return
     model, to = str(data["model"]), str(data["to"])
@@ -60,8 +74,10 @@ def refresh(store: StateStore) -> None:
     """Gauges that mirror the store, set just before a scrape."""
     MODEL_STATE.clear()
     CRASH_LOOPING.clear()
+    UPDATE_FAILED.clear()
     for name, info in store.models.items():
         CRASH_LOOPING.labels(name).set(info.crash_looping)
+        UPDATE_FAILED.labels(name).set(info.update_error is not None)
         for state in ModelState:
             if state is not ModelState.GONE:
                 MODEL_STATE.labels(name, state.value).set(1 if info.state is state else 0)

@@ -259,9 +259,12 @@ class Proxy:
         try:
             try:
                 resp = await self.client(port, pid).post(f"/v1/{endpoint}", data=body, headers=headers)
-            except aiohttp.ServerDisconnectedError:
-                # a pooled keep-alive connection the backend had just closed (llama-server closes
-                # some after a stream): nothing was answered, so send it once more on a new one
+            except aiohttp.ClientConnectorError:
+                raise  # nothing listens: no second try
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # a pooled keep-alive connection the backend had just closed (llama-server's HTTP
+                # server closes idle and well-used ones): nothing was answered, so send it once
+                # more on a fresh connection
                 resp = await self.client(port, pid).post(f"/v1/{endpoint}", data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             self._done(name, port, "502", t0)
