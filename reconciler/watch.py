@@ -183,6 +183,8 @@ class Reconciler:
         if spec is None:
             return
         self.executor.supervisor.policy = RestartPolicy(spec.server.backoff_max_s, spec.server.backoff_reset_s)
+        if spec is self.spec:
+            self._forget_abandoned_updates(spec)
         observed = await asyncio.to_thread(self.observe, spec)
         p = plan(spec, observed)
         if spec is not self.spec:
@@ -277,6 +279,13 @@ class Reconciler:
                 and now - (info.started_at or now) >= spec.server.backoff_reset_s
             ):
                 self.store.update(name, failures=0)
+
+    def _forget_abandoned_updates(self, spec: Spec) -> None:
+        """A failed update whose target the file no longer asks for (it went back, or on) is no
+        longer a failure of this spec."""
+        for name, info in list(self.store.models.items()):
+            if info.update_target is not None and spec.models.get(name) != info.update_target:
+                self.store.update(name, update_target=None, update_error=None, update_failures=0, update_retry_at=None)
 
     def _spec_failed(self, problems: list[Problem]) -> None:
         shown = [str(p) for p in problems]

@@ -344,7 +344,8 @@ GPU_SPEC = "models:\n  big:\n    path: /m/big.gguf\n    gpu_index: 0\n    n_gpu_
         (GPU_SPEC, ModelState.LOADED, 50 * 2**30, 0,
          ("recreate", "recreate: needs 50.00 GiB more on GPU 0, 30.00 GiB free")),
     ],
-    ids=["cpu-too-few-cores", "cpu-one-thread-each", "forced-recreate", "not-serving", "fixed-port", "gpu-no-estimate", "gpu-fits", "gpu-short"],
+    ids=["cpu-too-few-cores", "cpu-one-thread-each", "forced-recreate", "not-serving", "fixed-port",
+         "gpu-no-estimate", "gpu-fits", "gpu-short"],
 )
 def test_replace_strategy(text: str, state: ModelState, estimate: int | None, used: int,
                           expected: tuple[str, str]) -> None:

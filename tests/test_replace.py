@@ -88,6 +88,8 @@ def test_a_failed_update_keeps_the_old_version_serving(daemon: Daemon) -> None:
     metrics = daemon.http.get("/metrics").text
     assert 'xgen_model_update_failed{model="smollm2"} 1.0' in metrics
     assert 'xgen_model_replacements_total{model="smollm2",outcome="failed",strategy="surge"}' in metrics
+    reverted = daemon.converged(daemon.write(SURGE), timeout=5)  # going back is converged at once
+    assert reverted["loaded_models"][0]["update"]["error"] is None and reverted["loaded_models"][0]["pid"] == pid
     fixed = daemon.write(SURGE.replace("n_ctx: 1024", "n_ctx: 1536"))  # a later save is tried at once
     status = daemon.converged(fixed)
     assert status["loaded_models"][0]["update"]["error"] is None and status["loaded_models"][0]["pid"] != pid
