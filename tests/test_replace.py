@@ -63,7 +63,7 @@ def test_surge_replacements_under_traffic_lose_nothing(daemon: Daemon) -> None:
         daemon.converged(daemon.write(SURGE.replace("n_ctx: 1024", f"n_ctx: {n_ctx}")))
         pids.add(daemon.model("smollm2")["pid"])  # type: ignore[index]
     failures = traffic.finish()
-    assert len(traffic.outcomes) > 20 and failures == [], failures[:5]
+    assert len(traffic.outcomes) > 8 and failures == [], failures[:5]
     assert len(pids) == 5 and sum(pid_alive(p) for p in pids) == 1
     states = [e["data"]["to"] for e in daemon.events() if e["kind"] == "state"]
     assert states == ["LOADING", "LOADED"]  # four replacements, and the model never left LOADED

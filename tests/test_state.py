@@ -39,12 +39,3 @@ def test_status_shape() -> None:
     assert row["endpoint"] == "http://127.0.0.1:8001/v1"
     assert row["config"] == {"n_ctx": 4096, "n_gpu_layers": 0, "device": "cpu"}
     assert row["spec"]["path"] == "/m.gguf"
-
-
-def test_the_executor_has_a_phase_for_every_action_kind() -> None:
-    from typing import get_args
-
-    from reconciler.executor import PHASE
-    from reconciler.plan import ActionKind
-
-    assert set(PHASE) == set(get_args(ActionKind))
