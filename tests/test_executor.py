@@ -85,3 +85,29 @@ def test_the_same_target_again_is_not_started_twice_and_a_new_one_supersedes() -
 
     log, _ = asyncio.run(go())
     assert log == ["start m", "start m", "started m"]  # the first load was cancelled mid-way
+
+
+def test_every_action_kind_but_adapters_is_carried_out() -> None:
+    """Adapters need a running vLLM: tests/test_vllm.py covers them."""
+    async def go() -> tuple[list[str], StateStore]:
+        store = StateStore()
+        spec = ModelSpec(path="/m/a.gguf")
+        for name in ("gone", "changed", "renamed"):
+            store.models[name] = ModelInfo(name, spec, "llama-server", ModelState.ERROR)
+        recorder = Recorder(store, 0.01)
+        executor = Executor(store, recorder, drain_s=0)  # type: ignore[arg-type]
+        executor.apply(Plan("g", (
+            Action("unload", "gone", "removed"),
+            Action("reload", "changed", "n_ctx", "llama-server", spec.model_copy(update={"n_ctx": 512}),
+                   strategy="recreate"),
+            Action("load", "new", "new", "llama-server", spec),
+            Action("update", "renamed", "aliases", "llama-server", spec.model_copy(update={"aliases": ["x"]})),
+            Action("activate", "new", "was none"),
+        )))
+        while executor.busy:
+            await asyncio.sleep(0.01)
+        return recorder.log, store
+
+    log, store = asyncio.run(go())
+    assert {"stopped gone", "stopped changed", "started changed", "started new"} <= set(log)
+    assert store.active == "new" and store.models["renamed"].spec.aliases == ["x"]
