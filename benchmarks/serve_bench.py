@@ -162,7 +162,7 @@ def main() -> None:
         # model waits for the settle window (server.settle_ms, 300 ms) so a torn write never does
         adds, reloads = [], []
         for i in range(SAVES):
-            t = write(spec_file, spec(256 + 16 * (i // 2), False, extra=i % 2 == 0))
+            t = write(spec_file, spec(256 + 16 * ((i + 1) // 2), False, extra=i % 2 == 0))
             if i % 2 == 0:
                 seen = events.wait(t, lambda k, d: k == "plan" and d.get("applied"))
                 adds.append((seen - t) * 1000)
