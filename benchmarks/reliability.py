@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,14 +34,13 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from net import free_port
+from harness import Daemon
 from test_spec_faults import billion_laughs
 from tinygguf import write_tiny_llama
 
 from reconciler.install import default_model_path
 
 BASE = """\
-server: {{port: {port}, port_range: [{low}, {high}], stop_grace_s: 5}}
 models:
   stable:
     path: {model}
@@ -93,66 +91,25 @@ class Clients:
             t.join(timeout=70)
 
 
-class Daemon:
-    def __init__(self, work: Path, clients: int) -> None:
-        self.work = work
-        self.file = work / "models.yaml"
-        self.port = free_port()
-        self.low = 31000 + os.getpid() % 500 * 20
+class Churn:
+    """The two-model file of this benchmark, with `churn`'s entry varied."""
+
+    def __init__(self, work: Path) -> None:
+        self.d = Daemon(work, 31000 + os.getpid() % 500 * 20)
         self.vars: dict[str, Any] = {
-            "port": self.port, "low": self.low, "high": self.low + 19, "model": default_model_path(),
-            "tiny": write_tiny_llama(work / "tiny.gguf"), "n_ctx": 256, "aliases": "c", "desired": "loaded",
-            "active": "stable", "stable_ctx": 1024,
+            "model": default_model_path(), "tiny": write_tiny_llama(work / "tiny.gguf"), "n_ctx": 256,
+            "aliases": "c", "desired": "loaded", "active": "stable", "stable_ctx": 1024,
         }
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.exits = 0
 
     def text(self, **over: Any) -> str:
-        return BASE.format(**{**self.vars, **over})
-
-    def save(self, data: bytes) -> None:
-        tmp = self.file.with_name(".models.yaml.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.file)
-
-    def start(self) -> None:
-        log = (self.work / "daemon.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", "models.yaml"],
-                                     cwd=self.work, stdout=log, stderr=subprocess.STDOUT)
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.http.get("/api/management/status").json()
-        return result
-
-    def wait(self, check: Any, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise SystemExit(f"the daemon exited with {self.proc.returncode}; see {self.work / 'daemon.log'}")
-            try:
-                status = self.status()
-                if check(status):
-                    return status
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.02)
-        raise SystemExit("timed out; see " + str(self.work / "daemon.log"))
-
-    def model(self, name: str) -> dict[str, Any]:
-        return next(m for m in self.status()["loaded_models"] if m["name"] == name)
-
-    def converged(self) -> dict[str, Any]:
-        from reconciler.spec import load
-
-        generation = load(self.file).generation
-        return self.wait(lambda s: s["observed_generation"] == generation and s["status"] == "converged")
+        return self.d.head + BASE.format(**{**self.vars, **over})
 
 
-def random_save(d: Daemon, rng: random.Random) -> str:
+def random_save(c: Churn, rng: random.Random) -> str:
+    d = c.d
     kind = rng.choice(["edit", "edit", "edit", "active", "torn", "torn", "bytes", "utf8", "tag", "cycle", "bomb",
                        "cut"])
-    valid = d.text(n_ctx=rng.choice([256, 320, 384]), aliases=rng.choice(["c", "c2", "c, c3"]),
+    valid = c.text(n_ctx=rng.choice([256, 320, 384]), aliases=rng.choice(["c", "c2", "c, c3"]),
                    desired=rng.choice(["loaded", "loaded", "unloaded"]))
     if kind == "edit":
         d.save(valid.encode())
@@ -218,8 +175,9 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="xgen-reliability-"))
-    d = Daemon(work, args.clients)
-    d.save(d.text().encode())
+    c = Churn(work)
+    d = c.d
+    d.save(c.text().encode())
     d.start()
     d.converged()
     stable_pid = d.model("stable")["pid"]
@@ -234,21 +192,22 @@ def main() -> None:
 
     t0 = time.monotonic()
     kinds: dict[str, int] = {}
+    exits = 0
     for _ in range(args.saves):
-        kind = random_save(d, rng)
+        kind = random_save(c, rng)
         kinds[kind] = kinds.get(kind, 0) + 1
         time.sleep(rng.uniform(0.005, 0.08))
         if d.proc is not None and d.proc.poll() is not None:
-            d.exits += 1
+            exits += 1
             break
-    d.save(d.text().encode())
+    d.save(c.text().encode())
     d.converged()
     churn_s = time.monotonic() - t0
     n, failed, stall = summarize(clients.window(t0, time.monotonic()))
     restarted = d.model("stable")["pid"] != stable_pid
     table.append((
         f"{args.saves} random saves in {churn_s:.0f} s ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})",
-        f"daemon exits {d.exits}; `stable` restarted: {'yes' if restarted else 'no'}",
+        f"daemon exits {exits}; `stable` restarted: {'yes' if restarted else 'no'}",
         "-",
         f"{failed} of {n} failed; {n / churn_s / quiet_rps:.2f}x quiet throughput; longest {stall * 1000:.0f} ms",
     ))
@@ -265,7 +224,7 @@ def main() -> None:
                       f"{recover:.2f} s", f"{failed} of {n} to `stable` failed"))
 
     t0 = time.monotonic()
-    d.save(d.text(stable_ctx=2048).encode())
+    d.save(c.text(stable_ctx=2048).encode())
     d.converged()
     time.sleep(0.5)
     n, failed, stall = summarize(clients.window(t0, time.monotonic()))
@@ -287,8 +246,7 @@ def main() -> None:
                   "(daemon down meanwhile)"))
 
     clients.close()
-    d.proc.terminate()
-    d.proc.wait(timeout=60)
+    d.stop()
     print("| fault | what xgen did | time to recover | requests |")
     print("|---|---|---|---|")
     for row in table:

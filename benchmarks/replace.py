@@ -21,20 +21,17 @@ Usage: python benchmarks/replace.py [--replacements 50] [--clients 8]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from net import free_port
+from harness import Daemon
 from slow_backend import write_slow_backend
 from tinygguf import write_tiny_llama
 
@@ -86,68 +83,6 @@ class Clients:
             t.join(timeout=120)
 
 
-class Daemon:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.file = work / "models.yaml"
-        self.port = free_port()
-        low = 33000 + os.getpid() % 500 * 20
-        self.head = f"server: {{port: {self.port}, port_range: [{low}, {low + 19}]}}\n"
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def save(self, body: str) -> str:
-        from reconciler.spec import load
-
-        tmp = self.file.with_name(".tmp.yaml")
-        tmp.write_text(self.head + body)
-        os.replace(tmp, self.file)
-        return load(self.file).generation
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", "models.yaml"], cwd=self.work,
-                                     stdout=(self.work / "daemon.log").open("ab"), stderr=subprocess.STDOUT)
-
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.http.get("/api/management/status").json()
-        return result
-
-    def wait(self, check: Any, timeout: float = 300) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                status = self.status()
-                if check(status):
-                    return status
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.01)
-        raise SystemExit(f"timed out; see {self.work / 'daemon.log'}")
-
-    def converged(self, generation: str) -> None:
-        self.wait(lambda s: s["observed_generation"] == generation and s["status"] == "converged")
-
-    def events(self, since: int) -> list[tuple[str, dict[str, Any]]]:
-        out, kind = [], ""
-        last = self.status()["last_event_id"]
-        with self.http.stream("GET", "/api/events", params={"last_event_id": since}) as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("id: "):
-                    current = int(line[4:])
-                elif line.startswith("data: "):
-                    out.append((kind, json.loads(line[6:])))
-                    if current >= last:
-                        break
-        return out
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
-
-
 def model(n_ctx: int, strategy: str) -> str:
     # one thread per llama-server: during a surge two run, and llama.cpp's spinning threads must not
     # outnumber the cores (xgen's `auto` picks recreate when they would)
@@ -164,13 +99,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 def replacements(d: Daemon, clients: Clients, strategy: str, count: int) -> str:
-    d.converged(d.save(model(1024, strategy)))
+    d.save_spec(model(1024, strategy))
+    d.converged()
     t0 = time.monotonic()
     time.sleep(5)
     steady = [r[1] for r in clients.window(t0, time.monotonic())]
     t1 = time.monotonic()
     for i in range(count):
-        d.converged(d.save(model(1536 if i % 2 == 0 else 1024, strategy)))
+        d.save_spec(model(1536 if i % 2 == 0 else 1024, strategy))
+        d.converged()
     rows = clients.window(t1, time.monotonic())
     failed = sum(1 for r in rows if not r[2])
     during = [r[1] for r in rows if r[2]]
@@ -188,10 +125,10 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="xgen-replace-"))
     tiny = write_tiny_llama(work / "tiny.gguf")
-    d = Daemon(work)
-    d.save(model(1024, "surge"))
+    d = Daemon(work, 33000 + os.getpid() % 500 * 20)
+    d.save_spec(model(1024, "surge"))
     d.start()
-    d.converged(d.save(model(1024, "surge")))
+    d.converged()
     clients = Clients(f"http://127.0.0.1:{d.port}", args.clients)
     rows = [replacements(d, clients, strategy, args.replacements) for strategy in ("surge", "recreate")]
     print("| strategy | replacements | requests meanwhile | failed or broken | p50 / p99 during | "
@@ -206,7 +143,7 @@ def main() -> None:
     bogus = work / "not-a-model.gguf"
     bogus.write_bytes(b"GGUF" + b"\0" * 64)  # passes the magic check, fails in llama.cpp
     t0 = time.monotonic()
-    d.save(model(1024, "surge").replace(str(default_model_path()), str(bogus)))
+    d.save_spec(model(1024, "surge").replace(str(default_model_path()), str(bogus)))
     d.wait(lambda s: s["loaded_models"][0]["update"]["error"])
     rolled = time.monotonic() - t0
     time.sleep(2)
@@ -216,21 +153,23 @@ def main() -> None:
     print(f"\nfailed update (a GGUF that llama.cpp refuses): save -> update failed + old version serving "
           f"{rolled * 1000:.0f} ms (events {kinds}); {sum(1 for r in meanwhile if not r[2])} of {len(meanwhile)} "
           "requests failed meanwhile")
-    d.converged(d.save(model(1024, "surge")))
+    d.save_spec(model(1024, "surge"))
+    d.converged()
 
     # parallel convergence: the tiny model alone, then beside a slow load
     alone_body = model(1024, "surge") + f"  tiny:\n    path: {tiny}\n    n_ctx: 256\n"
     t0 = time.monotonic()
-    d.save(alone_body)
+    d.save_spec(alone_body)
     d.wait(lambda s: any(m["name"] == "tiny" and m["state"] == "LOADED" for m in s["loaded_models"]))
     alone = time.monotonic() - t0
-    d.converged(d.save(model(1024, "surge")))
+    d.save_spec(model(1024, "surge"))
+    d.converged()
     script, slow_dir = write_slow_backend(work / "slow", SLOW_S)
     slow = f"  slow:\n    path: {slow_dir}\n    backend: vllm\n    vllm:\n      python: {script}\n"
-    d.save(model(1024, "surge") + slow)
+    d.save_spec(model(1024, "surge") + slow)
     d.wait(lambda s: any(m["name"] == "slow" and m["state"] == "LOADING" for m in s["loaded_models"]))
     t0 = time.monotonic()
-    d.save(model(1024, "surge") + slow + f"  tiny:\n    path: {tiny}\n    n_ctx: 256\n")
+    d.save_spec(model(1024, "surge") + slow + f"  tiny:\n    path: {tiny}\n    n_ctx: 256\n")
     status = d.wait(lambda s: any(m["name"] == "tiny" and m["state"] == "LOADED" for m in s["loaded_models"]))
     beside = time.monotonic() - t0
     slow_state = next(m["state"] for m in status["loaded_models"] if m["name"] == "slow")
