@@ -29,6 +29,21 @@ from reconciler.store import StateStore
 from reconciler.web import metrics
 from reconciler.web.proxy import Proxy, openai_error
 
+ROUTED = (
+    "/v1/responses",
+    "/v1/responses/input_tokens",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+    "/v1/score",
+    "/infill",
+    "/completion",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE_S = 15.0
 
@@ -168,6 +183,8 @@ def create_app(
         Route("/v1/chat/completions", proxy.forward, methods=["POST"]),
         Route("/v1/completions", proxy.forward, methods=["POST"]),
         Route("/v1/embeddings", proxy.forward, methods=["POST"]),
+        # the other APIs clients speak, routed by the `model` in the body like chat
+        *(Route(path, proxy.forward, methods=["POST"]) for path in ROUTED),
     ]
 
     @contextlib.asynccontextmanager

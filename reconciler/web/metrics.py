@@ -109,7 +109,11 @@ def count_stream_tokens(model: str, last_chunk: bytes) -> None:
 
 
 def _add_usage(model: str, usage: dict[str, object]) -> None:
-    for kind in ("prompt_tokens", "completion_tokens"):
-        value = usage.get(kind)
+    """OpenAI's names (prompt/completion_tokens) or Anthropic's and Responses' (input/output_tokens)."""
+    for kind, names in (
+        ("prompt", ("prompt_tokens", "input_tokens")),
+        ("completion", ("completion_tokens", "output_tokens")),
+    ):
+        value = next((usage[n] for n in names if isinstance(usage.get(n), int)), None)
         if isinstance(value, int) and value > 0:
-            TOKENS.labels(model, kind.removesuffix("_tokens")).inc(value)
+            TOKENS.labels(model, kind).inc(value)

@@ -40,6 +40,16 @@ HOP_HEADERS = {
     "te",
     "trailer",
     "proxy-authorization",
+    "x-api-key",
+}
+# Endpoints every backend serves; for the others a 404/501 from the backend is explained.
+CORE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# OpenAI error types → Anthropic's, for clients of /v1/messages
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
 }
 
 
@@ -48,6 +58,17 @@ def openai_error(
 ) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status, headers=headers
+    )
+
+
+def anthropic_error(response: JSONResponse) -> JSONResponse:
+    """xgen's own error in the shape Anthropic clients parse (`{"type": "error", "error": …}`)."""
+    error = json.loads(bytes(response.body))["error"]
+    status = response.status_code
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+    return JSONResponse(
+        {"type": "error", "error": {"type": kind, "message": error["message"]}}, status_code=status, headers=headers
     )
 
 
@@ -138,11 +159,12 @@ class Proxy:
         key = spec.server.api_key if spec else None
         if not key:
             return None
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        bearer = request.headers.get("authorization", "").encode()
+        x_api_key = request.headers.get("x-api-key", "").encode()  # Anthropic clients send this
+        if not (hmac.compare_digest(bearer, f"Bearer {key}".encode()) or hmac.compare_digest(x_api_key, key.encode())):
             return openai_error(
                 401,
-                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                "missing or wrong API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)",
                 "invalid_request_error",
                 "invalid_api_key",
             )
@@ -170,6 +192,14 @@ class Proxy:
         return JSONResponse({"object": "list", "data": data})
 
     async def forward(self, request: Request) -> Response:
+        """Route a request by the `model` in its body and pass it through to that backend, at the
+        same path (OpenAI, Anthropic Messages, OpenAI Responses and the backends' own endpoints)."""
+        response = await self._forward(request)
+        if isinstance(response, JSONResponse) and request.url.path.startswith("/v1/messages"):
+            return anthropic_error(response)  # only xgen's own errors are JSONResponse here
+        return response
+
+    async def _forward(self, request: Request) -> Response:
         endpoint = request.url.path.removeprefix("/v1/")
         t0 = time.perf_counter()
         if (denied := self.check_key(request)) is not None:
@@ -231,7 +261,7 @@ class Proxy:
         elif payload.get("model") != decision.upstream_model:
             payload["model"] = decision.upstream_model
             body = json.dumps(payload).encode()
-        return await self._send(request, name, info.port, info.pid, endpoint, body, t0)
+        return await self._send(request, info, endpoint, body, t0)
 
     def _unavailable(self, name: str, info: ModelInfo | None, spec: Spec) -> Response:
         if info is None:
@@ -250,22 +280,21 @@ class Proxy:
         metrics.REQUESTS.labels(name, "503").inc()
         return openai_error(503, why, "service_unavailable", "model_unavailable", headers={"Retry-After": "5"})
 
-    async def _send(
-        self, request: Request, name: str, port: int, pid: int | None, endpoint: str, body: bytes, t0: float
-    ) -> Response:
+    async def _send(self, request: Request, info: ModelInfo, endpoint: str, body: bytes, t0: float) -> Response:
+        name, port, pid, path = info.name, info.port or 0, info.pid, request.url.path
         headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}
         self.inflight[port] = self.inflight.get(port, 0) + 1
         metrics.INFLIGHT.labels(name).inc()
         try:
             try:
-                resp = await self.client(port, pid).post(f"/v1/{endpoint}", data=body, headers=headers)
+                resp = await self.client(port, pid).post(path, data=body, headers=headers)
             except aiohttp.ClientConnectorError:
                 raise  # nothing listens: no second try
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 # a pooled keep-alive connection the backend had just closed (llama-server's HTTP
                 # server closes idle and well-used ones): nothing was answered, so send it once
                 # more on a fresh connection
-                resp = await self.client(port, pid).post(f"/v1/{endpoint}", data=body, headers=headers)
+                resp = await self.client(port, pid).post(path, data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             self._done(name, port, "502", t0)
             return openai_error(
@@ -283,6 +312,14 @@ class Proxy:
             return openai_error(502, f"backend of '{name}' broke off: {exc!r}", "upstream_error")
         resp.release()
         self._done(name, port, str(resp.status), t0)
+        if resp.status in (404, 501) and path not in CORE:
+            return openai_error(
+                resp.status,
+                f"the {info.backend} backend of '{name}' does not serve {path} "
+                f"(it answered {resp.status}: {content[:200].decode(errors='replace')})",
+                "invalid_request_error",
+                "endpoint_not_supported",
+            )
         if resp.status == 200 and endpoint != "embeddings":
             metrics.count_tokens(name, content)
         return Response(content, status_code=resp.status, headers=out_headers)

@@ -1,0 +1,95 @@
+"""The APIs clients speak besides chat, through xgen to a real llama-server, with the official
+SDKs: Anthropic Messages (plain, streamed, count_tokens, x-api-key, its error shape), OpenAI
+Responses (plain and streamed), llama.cpp's own endpoints, and a clear error for an endpoint the
+backend lacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+from conftest import Daemon
+
+pytestmark = pytest.mark.integration
+KEY = "sk-local-test"
+SPEC = """\
+server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], api_key: sk-local-test}}
+models:
+  smollm2:
+    path: {MODEL}
+    n_ctx: 2048
+    aliases: [claude-sonnet-4-5]
+active: smollm2
+"""
+
+
+@pytest.fixture(scope="module")
+def api_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path,
+               llama_server: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("apis"), default_model, tiny_gguf)
+    d.http.headers["authorization"] = f"Bearer {KEY}"
+    d.launch(SPEC, header=False)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def claude(api_daemon: Daemon) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=api_daemon.url, api_key=KEY, max_retries=0)
+
+
+def test_anthropic_messages(claude: anthropic.Anthropic) -> None:
+    reply = claude.messages.create(model="claude-sonnet-4-5", max_tokens=8,
+                                   messages=[{"role": "user", "content": "Say hi"}])
+    assert reply.type == "message" and reply.content[0].type == "text" and reply.content[0].text
+    assert reply.usage.output_tokens == 8 and reply.stop_reason == "max_tokens"
+
+
+def test_anthropic_messages_stream_in_order(claude: anthropic.Anthropic) -> None:
+    with claude.messages.stream(model="smollm2", max_tokens=8,
+                                messages=[{"role": "user", "content": "Count"}]) as stream:
+        kinds = [event.type for event in stream]
+        text = stream.get_final_message().content[0]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds and text.type == "text" and text.text
+
+
+def test_anthropic_count_tokens(claude: anthropic.Anthropic) -> None:
+    count = claude.messages.count_tokens(model="smollm2", messages=[{"role": "user", "content": "hello there"}])
+    assert count.input_tokens > 0
+
+
+def test_anthropic_errors_are_in_anthropic_shape(api_daemon: Daemon) -> None:
+    wrong = anthropic.Anthropic(base_url=api_daemon.url, api_key="not-the-key", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as denied:
+        wrong.messages.create(model="smollm2", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert denied.value.body == {"type": "error", "error": {"type": "authentication_error",
+                                 "message": "missing or wrong API key: send `Authorization: Bearer <key>` "
+                                            "(or `x-api-key: <key>`)"}}
+    right = anthropic.Anthropic(base_url=api_daemon.url, api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        right.messages.create(model="claude-opus-9", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert isinstance(unknown.value.body, dict) and unknown.value.body["error"]["type"] == "not_found_error"
+
+
+def test_openai_responses_plain_and_streamed(api_daemon: Daemon) -> None:
+    client = openai.OpenAI(base_url=f"{api_daemon.url}/v1", api_key=KEY, max_retries=0)
+    reply = client.responses.create(model="smollm2", input="Say hi", max_output_tokens=8)
+    assert reply.object == "response" and reply.output_text
+    events = [e.type for e in client.responses.create(model="smollm2", input="Count", max_output_tokens=8,
+                                                      stream=True)]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    assert "response.output_text.delta" in events
+
+
+def test_native_endpoints_and_one_the_backend_lacks(api_daemon: Daemon) -> None:
+    tokens = api_daemon.http.post("/tokenize", json={"content": "hello"})  # no model: the active one
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    rerank = api_daemon.http.post("/v1/rerank", json={"model": "smollm2", "query": "a", "documents": ["b"]})
+    assert rerank.status_code == 501
+    error = rerank.json()["error"]
+    assert error["code"] == "endpoint_not_supported"
+    assert error["message"].startswith("the llama-server backend of 'smollm2' does not serve /v1/rerank")
