@@ -109,6 +109,59 @@ print(f"/v1 chat completion (small-cpu): HTTP {r.status_code}, model {r.json().g
 assert status["status"] == "converged", status
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+
+say "replacing the GPU model under traffic (n_ctx 8192 -> 4096): the plan's strategy, failed requests, processes on the GPU"
+python3 - "$PORT" "$WORK" <<'EOF2'
+import json, os, subprocess, sys, threading, time, httpx
+port, work = int(sys.argv[1]), sys.argv[2]
+base = f"http://127.0.0.1:{port}"
+src = os.path.join(work, "models.yaml")
+nxt = os.path.join(work, "next.yaml")
+open(nxt, "w").write(open(src).read().replace("n_ctx: 8192", "n_ctx: 4096"))
+plan = subprocess.run([sys.executable, "-m", "reconciler.cli", "plan", nxt], capture_output=True, text=True)
+print("\n".join(line for line in plan.stdout.splitlines() if "reload" in line or "GPU" in line))
+since = httpx.get(f"{base}/api/management/status").json()["last_event_id"]
+results, stop = [], threading.Event()
+def client():
+    with httpx.Client(timeout=60) as http:
+        while not stop.is_set():
+            r = http.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                               "max_tokens": 8})
+            results.append(r.status_code)
+threads = [threading.Thread(target=client) for _ in range(4)]
+for t in threads: t.start()
+time.sleep(2)
+os.replace(nxt, src)
+most, t0 = 0, time.time()
+while time.time() - t0 < 120:
+    apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip().splitlines()
+    most = max(most, len(apps))
+    s = httpx.get(f"{base}/api/management/status").json()
+    if s["status"] == "converged" and s["loaded_models"] and \
+            next(m for m in s["loaded_models"] if m["name"] == "big-gpu")["config"]["n_ctx"] == 4096:
+        break
+    time.sleep(0.2)
+took = time.time() - t0
+time.sleep(1)
+stop.set()
+for t in threads: t.join()
+kinds, kind, current = [], "", 0
+with httpx.stream("GET", f"{base}/api/events", params={"last_event_id": since}, timeout=10) as events:
+    last = httpx.get(f"{base}/api/management/status").json()["last_event_id"]
+    for line in events.iter_lines():  # frames are id:, event:, data:
+        if line.startswith("id: "):
+            current = int(line[4:])
+        elif line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            if kind in ("replace_started", "ready", "switched", "drained", "rolled_back"): kinds.append(kind)
+            if current >= last: break
+failed = sum(1 for c in results if c != 200)
+print(f"replaced in {took:.2f} s; events {kinds}; {failed} of {len(results)} requests failed; "
+      f"at most {most} processes on the GPU at once")
+assert failed == 0 and "switched" in kinds, (failed, kinds)
+EOF2
 grep -h -E "offloaded|CUDA0 model buffer|KV buffer|compute buffer" "$WORK"/.xgen/logs/*.log || true
 
 say "shutdown"
