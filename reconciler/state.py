@@ -96,6 +96,7 @@ class ModelInfo:
             "state": self.state.value,
             "port": self.port,
             "endpoint": self.endpoint,
+            "launch_hash": self.launch_hash,
             "pid": self.pid,
             "started_at": self.started_at,
             "since": self.since,

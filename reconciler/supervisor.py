@@ -128,7 +128,6 @@ class Supervisor:
         self.policy = RestartPolicy()  # the reconciler sets it from the spec every pass
         self.children: dict[str, Child] = {}
         self.last_port: dict[str, int] = {}  # a model keeps its port across restarts while it is free
-        self.backends: dict[str, str] = {}
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         (state_dir / "pids").mkdir(parents=True, exist_ok=True)
         self._http = httpx.AsyncClient(timeout=2.0)
@@ -185,7 +184,6 @@ class Supervisor:
             return self._fail(name, failures, spawned)
         child = spawned
         self.children[name] = child
-        self.backends[name] = backend
         self.store.update(
             name, pid=child.proc.pid, port=child.port, started_at=child.started, launch_hash=child.launch_hash
         )
@@ -225,7 +223,6 @@ class Supervisor:
         old = self.children.pop(name, None)
         self.children.pop(key, None)
         self.children[name] = child
-        self.backends[name] = backend
         self.ports.move(name, f"{name}+old")
         self.ports.move(key, name)
         self.last_port[name] = child.port
