@@ -94,6 +94,11 @@ class ServerSettings(_Strict):
         description="A change that takes something away from a running model (unload, reload, removal, routing) "
         "waits until the file's bytes have not changed for this long, so a half-written save is never acted on.",
     )
+    upstream_write: bool = Field(
+        False,
+        description="Allow methods other than GET and HEAD through /upstream/<model>/<path> (the backends' own "
+        "endpoints, e.g. /slots actions); off, so nothing changes a backend behind xgen's back.",
+    )
     unknown_model: Literal["reject", "active"] = Field(
         "reject",
         description="A /v1 request naming a model xgen does not serve: `reject` answers 404 model_not_found, "

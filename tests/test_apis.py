@@ -51,10 +51,11 @@ def test_anthropic_messages(claude: anthropic.Anthropic) -> None:
 def test_anthropic_messages_stream_in_order(claude: anthropic.Anthropic) -> None:
     with claude.messages.stream(model="smollm2", max_tokens=8,
                                 messages=[{"role": "user", "content": "Count"}]) as stream:
-        kinds = [event.type for event in stream]
-        text = stream.get_final_message().content[0]
-    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    assert "content_block_delta" in kinds and text.type == "text" and text.text
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop", kinds
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
+    assert text
 
 
 def test_anthropic_count_tokens(claude: anthropic.Anthropic) -> None:
@@ -93,3 +94,27 @@ def test_native_endpoints_and_one_the_backend_lacks(api_daemon: Daemon) -> None:
     error = rerank.json()["error"]
     assert error["code"] == "endpoint_not_supported"
     assert error["message"].startswith("the llama-server backend of 'smollm2' does not serve /v1/rerank")
+
+
+def test_upstream_passthrough_is_read_only_by_default(api_daemon: Daemon) -> None:
+    props = api_daemon.http.get("/upstream/smollm2/props")
+    assert props.status_code == 200 and "default_generation_settings" in props.json()
+    slots = api_daemon.http.get("/upstream/claude-sonnet-4-5/slots")  # an alias works too
+    assert slots.status_code == 200 and isinstance(slots.json(), list)
+    write = api_daemon.http.post("/upstream/smollm2/slots/0?action=erase")
+    assert write.status_code == 405 and "server.upstream_write" in write.json()["error"]["message"]
+    assert api_daemon.http.get("/upstream/nope/props").json()["error"]["code"] == "model_not_found"
+    assert api_daemon.http.get("/upstream/smollm2/props", headers={"authorization": ""}).status_code == 401
+
+
+def test_a_models_log_over_http_tail_and_follow(api_daemon: Daemon) -> None:
+    tail = api_daemon.http.get("/api/logs/smollm2", params={"lines": 20}).json()
+    assert tail["model"] == "smollm2" and 0 < len(tail["lines"]) <= 20
+    assert any(word in line for line in tail["lines"] for word in ("srv", "slot", "llama"))  # llama-server's own
+    assert api_daemon.http.get("/api/logs/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    with api_daemon.http.stream("GET", "/api/logs/smollm2", params={"follow": 1}) as stream:
+        api_daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 2})
+        lines = stream.iter_lines()
+        new = next(line for line in lines if line.startswith("data: "))
+    assert new.startswith("data: ")

@@ -5,6 +5,7 @@ Nothing here changes desired state; that changes only through models.yaml.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -12,6 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -106,7 +108,11 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
 
 
 def create_app(
-    store: StateStore, get_spec: Callable[[], Spec | None], inflight: dict[int, int], backends: dict[str, Availability]
+    store: StateStore,
+    get_spec: Callable[[], Spec | None],
+    inflight: dict[int, int],
+    backends: dict[str, Availability],
+    logs_dir: Path | None = None,
 ) -> Starlette:
     proxy = Proxy(store, get_spec, inflight)
     store.listeners.append(metrics.observe_event)
@@ -167,6 +173,21 @@ def create_app(
         html = resources.files("reconciler.web").joinpath("templates/status.html").read_text()
         return HTMLResponse(html)
 
+    async def logs(request: Request) -> Response:
+        """A model's log: the last `lines` (JSON), or with `follow=1` an SSE stream of new lines."""
+        spec = get_spec()
+        name = request.path_params["model"]
+        if logs_dir is None or (name not in store.models and (spec is None or name not in spec.models)):
+            return JSONResponse({"error": f"no model '{name[:64]}'"}, status_code=404)
+        path = logs_dir / f"{name}.log"
+        try:
+            count = min(2000, max(1, int(request.query_params.get("lines", "100"))))
+        except ValueError:
+            count = 100
+        if request.query_params.get("follow") not in ("1", "true"):
+            return JSONResponse({"model": name, "lines": _tail(path, count)})
+        return StreamingResponse(_follow(store, path), media_type="text/event-stream", headers=SSE_HEADERS)
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return openai_error(404, f"no route {request.method} {request.url.path}", "invalid_request_error", "not_found")
 
@@ -185,6 +206,8 @@ def create_app(
         Route("/v1/embeddings", proxy.forward, methods=["POST"]),
         # the other APIs clients speak, routed by the `model` in the body like chat
         *(Route(path, proxy.forward, methods=["POST"]) for path in ROUTED),
+        Route("/upstream/{model}/{path:path}", proxy.upstream, methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
+        Route("/api/logs/{model}", management(logs)),
     ]
 
     @contextlib.asynccontextmanager
@@ -195,6 +218,41 @@ def create_app(
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.proxy = proxy
     return app
+
+
+def _tail(path: Path, count: int) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 256 * count))
+            return f.read().decode(errors="replace").splitlines()[-count:]
+    except OSError:
+        return []
+
+
+async def _follow(store: StateStore, path: Path) -> AsyncIterator[bytes]:
+    """New lines of a log file as SSE `data:` frames (from its end; a rotated file from its start)."""
+    yield b"retry: 2000\n\n"
+    offset = path.stat().st_size if path.exists() else 0
+    partial = b""
+    idle = 0.0
+    while not store.closed:
+        size = path.stat().st_size if path.exists() else 0
+        if size < offset:  # rotated or truncated
+            offset = 0
+        if size > offset:
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read(size - offset)
+            offset = size
+            *lines, partial = (partial + chunk).split(b"\n")
+            for line in lines:
+                yield b"data: " + line.replace(b"\r", b"") + b"\n\n"
+            idle = 0.0
+        elif idle >= KEEPALIVE_S:
+            yield b": keepalive\n\n"
+            idle = 0.0
+        await asyncio.sleep(0.25)
+        idle += 0.25
 
 
 async def _sse(store: StateStore, last: int) -> AsyncIterator[bytes]:

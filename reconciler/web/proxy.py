@@ -263,6 +263,40 @@ class Proxy:
             body = json.dumps(payload).encode()
         return await self._send(request, info, endpoint, body, t0)
 
+    async def upstream(self, request: Request) -> Response:
+        """`/upstream/<model>/<path>`: the model's own server, raw (its /props, /slots, /metrics).
+        Read-only methods unless `server.upstream_write` allows more."""
+        t0 = time.perf_counter()
+        if (denied := self.check_key(request)) is not None:
+            return denied
+        spec: Spec | None = self.get_spec()
+        if spec is None:
+            return openai_error(503, "no valid models.yaml loaded yet", "service_unavailable")
+        if request.method not in ("GET", "HEAD") and not spec.server.upstream_write:
+            return openai_error(
+                405,
+                f"{request.method} through /upstream is off: it can change a backend behind xgen's back "
+                "(set server.upstream_write: true to allow it)",
+                "invalid_request_error",
+                "method_not_allowed",
+            )
+        requested = request.path_params["model"]
+        name = spec.resolve(requested)
+        if name is None:
+            return openai_error(
+                404,
+                f"model '{_clip(requested)}' does not exist; this server serves: {served_names(spec)}",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        info = self.store.models.get(name)
+        if info is None or info.state is not ModelState.LOADED or info.port is None:
+            return self._unavailable(name, info, spec)
+        body = await _read_body(request, spec.server.max_body_bytes) if request.method not in ("GET", "HEAD") else b""
+        if body is None:
+            return openai_error(413, "request body too large", "invalid_request_error", "body_too_large")
+        return await self._send(request, info, "upstream", body, t0, upstream="/" + request.path_params["path"])
+
     def _unavailable(self, name: str, info: ModelInfo | None, spec: Spec) -> Response:
         if info is None:
             why = (
@@ -280,21 +314,34 @@ class Proxy:
         metrics.REQUESTS.labels(name, "503").inc()
         return openai_error(503, why, "service_unavailable", "model_unavailable", headers={"Retry-After": "5"})
 
-    async def _send(self, request: Request, info: ModelInfo, endpoint: str, body: bytes, t0: float) -> Response:
-        name, port, pid, path = info.name, info.port or 0, info.pid, request.url.path
+    async def _send(
+        self,
+        request: Request,
+        info: ModelInfo,
+        endpoint: str,
+        body: bytes,
+        t0: float,
+        upstream: str | None = None,
+    ) -> Response:
+        """Send to the model's process (at the request's own path, or `upstream` with the
+        request's method and query) and pass the answer through, streamed when it streams."""
+        name, port, pid = info.name, info.port or 0, info.pid
+        path = upstream if upstream is not None else request.url.path
+        method = request.method if upstream is not None else "POST"
+        params = request.query_params if upstream is not None else None
         headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}
         self.inflight[port] = self.inflight.get(port, 0) + 1
         metrics.INFLIGHT.labels(name).inc()
         try:
             try:
-                resp = await self.client(port, pid).post(path, data=body, headers=headers)
+                resp = await self.client(port, pid).request(method, path, params=params, data=body, headers=headers)
             except aiohttp.ClientConnectorError:
                 raise  # nothing listens: no second try
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 # a pooled keep-alive connection the backend had just closed (llama-server's HTTP
                 # server closes idle and well-used ones): nothing was answered, so send it once
                 # more on a fresh connection
-                resp = await self.client(port, pid).post(path, data=body, headers=headers)
+                resp = await self.client(port, pid).request(method, path, params=params, data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             self._done(name, port, "502", t0)
             return openai_error(
@@ -312,7 +359,7 @@ class Proxy:
             return openai_error(502, f"backend of '{name}' broke off: {exc!r}", "upstream_error")
         resp.release()
         self._done(name, port, str(resp.status), t0)
-        if resp.status in (404, 501) and path not in CORE:
+        if resp.status in (404, 501) and path not in CORE and upstream is None:
             return openai_error(
                 resp.status,
                 f"the {info.backend} backend of '{name}' does not serve {path} "
