@@ -24,7 +24,7 @@ import httpx
 from reconciler.owner import Owner
 from reconciler.plan import Action, Plan
 from reconciler.spec import ModelSpec
-from reconciler.state import ModelState
+from reconciler.state import FailedUpdate, ModelState
 from reconciler.store import StateStore
 from reconciler.supervisor import Supervisor
 
@@ -142,13 +142,11 @@ class Executor:
         return False
 
     def _update_failed(self, name: str, target: ModelSpec, why: str, then: str) -> None:
-        info = self.store.models[name]
-        failures = info.update_failures + 1 if info.update_target == target else 1
+        last = self.store.models[name].failed_update
+        failures = last.failures + 1 if last is not None and last.target == target else 1
         retry_at = time.time() + self.supervisor.policy.backoff_s(failures)
         error = f"update failed: {why}"
-        self.store.update(
-            name, update_target=target, update_error=error, update_failures=failures, update_retry_at=retry_at
-        )
+        self.store.update(name, failed_update=FailedUpdate(target, error, failures, retry_at))
         log.warning("%s: %s; %s", name, error, then)
         self.store.publish(
             "rolled_back",

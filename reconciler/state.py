@@ -46,6 +46,16 @@ class TransitionError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class FailedUpdate:
+    """A replacement that never became ready: the spec it was for, why, and when to try again."""
+
+    target: ModelSpec
+    error: str
+    failures: int
+    retry_at: float
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What xgen knows about one model's process; replaced, never mutated."""
 
@@ -65,11 +75,7 @@ class ModelInfo:
     estimated_bytes: int | None = None
     measured_bytes: int | None = None
     since: float = 0.0
-    # a replacement that failed: the spec it was for, why, and when it may be tried again
-    update_target: ModelSpec | None = None
-    update_error: str | None = None
-    update_failures: int = 0
-    update_retry_at: float | None = None
+    failed_update: FailedUpdate | None = None  # the last replacement failed; the old version serves
 
     @property
     def endpoint(self) -> str | None:
@@ -110,10 +116,10 @@ class ModelInfo:
             "config": {"n_ctx": self.spec.n_ctx, "n_gpu_layers": self.spec.n_gpu_layers, "device": self.device},
             "memory": {"estimated_bytes": self.estimated_bytes, "measured_bytes": self.measured_bytes},
             "update": {
-                "target": self.update_target.model_dump(mode="json") if self.update_target else None,
-                "error": self.update_error,
-                "failures": self.update_failures,
-                "retry_at": self.update_retry_at,
+                "target": self.failed_update.target.model_dump(mode="json") if self.failed_update else None,
+                "error": self.failed_update.error if self.failed_update else None,
+                "failures": self.failed_update.failures if self.failed_update else 0,
+                "retry_at": self.failed_update.retry_at if self.failed_update else None,
             },
             "spec": self.spec.model_dump(mode="json"),
         }

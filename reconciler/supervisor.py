@@ -54,14 +54,15 @@ class RestartPolicy:
 _CAUSE_WORDS = ("error", "failed", "invalid", "unknown", "unrecognized", "not found", "cannot", "unable", "no such")
 
 
-def failure_cause(tail: tuple[str, ...]) -> str | None:
-    """The last log line that says why a backend failed, so the reason reaches `xgen status` and
-    `xgen apply --wait` instead of only the log (e.g. llama.cpp's "invalid magic characters")."""
+def with_cause(why: str, tail: tuple[str, ...]) -> str:
+    """`why`, followed by the last log line that says what went wrong, so the reason reaches
+    `xgen status` and `xgen apply --wait` instead of only the log (e.g. llama.cpp's "invalid
+    argument: --nope")."""
     for line in reversed(tail):
         text = line.strip()
         if any(word in text.lower() for word in _CAUSE_WORDS):
-            return text[:300]
-    return None
+            return f"{why}: {text[:300]}"
+    return why
 
 
 def tree_rss(pids: list[int]) -> dict[int, int]:
@@ -144,9 +145,9 @@ class Supervisor:
                 info.failures,
                 info.retry_at is None or info.retry_at <= now,
                 info.error_message,
-                info.update_target,
-                info.update_retry_at is None or info.update_retry_at <= now,
-                info.update_error,
+                info.failed_update.target if info.failed_update else None,
+                info.failed_update is None or info.failed_update.retry_at <= now,
+                info.failed_update.error if info.failed_update else None,
             )
             for name, info in self.store.models.items()
         }
@@ -216,8 +217,7 @@ class Supervisor:
         t0 = time.monotonic()
         why = await self._ready(key, child, backend, model)
         if why is not None:
-            cause = failure_cause(self.log_tail(name))
-            return None, f"{why}: {cause}" if cause else why
+            return None, with_cause(why, self.log_tail(name))
         log.info("%s: the replacement is ready in %.2f s; switching to it", name, time.monotonic() - t0)
         self.store.publish("ready", {"model": name, "pid": child.proc.pid, "port": child.port})
         old = self.children.pop(name, None)
@@ -225,7 +225,6 @@ class Supervisor:
         self.children[name] = child
         self.ports.move(name, f"{name}+old")
         self.ports.move(key, name)
-        self.last_port[name] = child.port
         info = self.store.models[name]
         if info.state is not ModelState.LOADED:  # the old process died meanwhile
             self.store.transition(name, ModelState.LOADING, "replacement ready", retry_at=None)
@@ -240,10 +239,7 @@ class Supervisor:
             launch_hash=child.launch_hash,
             error_message=None,
             log_tail=(),
-            update_target=None,
-            update_error=None,
-            update_failures=0,
-            update_retry_at=None,
+            failed_update=None,
         )
         child.watcher = asyncio.get_running_loop().create_task(self._watch(name, child))
         self.store.publish("switched", {"model": name, "pid": child.proc.pid, "port": child.port})
@@ -318,18 +314,18 @@ class Supervisor:
         return False, f"not ready after {timeout:.0f} s (health: {url}); raise ready_timeout_s if it is just slow"
 
     def _fail(self, name: str, failures: int, why: str) -> bool:
-        cause = failure_cause(self.log_tail(name))
-        self._to_error(name, failures + 1, f"{why}: {cause}" if cause else why)
+        tail = self.log_tail(name)
+        self._to_error(name, failures + 1, with_cause(why, tail), tail)
         return False
 
-    def _to_error(self, name: str, failures: int, why: str) -> None:
+    def _to_error(self, name: str, failures: int, why: str, tail: tuple[str, ...]) -> None:
         self.ports.release(name)
         info = self.store.transition(
             name,
             ModelState.ERROR,
             why,
             error_message=why,
-            log_tail=self.log_tail(name),
+            log_tail=tail,
             failures=failures,
             retry_at=time.time() + self.policy.backoff_s(failures),
             pid=None,
@@ -353,7 +349,7 @@ class Supervisor:
         info = self.store.models[name]
         up = time.time() - child.started
         failures = 1 if up >= self.policy.reset_s else info.failures + 1
-        self._to_error(name, failures, f"process {exit_reason(code)} after {up:.0f} s")
+        self._to_error(name, failures, f"process {exit_reason(code)} after {up:.0f} s", self.log_tail(name))
         self.on_exit()
 
     # ------------------------------------------------ stop

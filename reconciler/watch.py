@@ -111,7 +111,12 @@ class Reconciler:
     def _sleep_s(self) -> float:
         """Until the next pass nobody will ask for: resync, the earliest retry, a pass due."""
         now = time.time()
-        due = [t for i in self.store.models.values() for t in (i.retry_at, i.update_retry_at) if t and t > now]
+        due = [
+            t
+            for i in self.store.models.values()
+            for t in (i.retry_at, i.failed_update.retry_at if i.failed_update else None)
+            if t and t > now
+        ]
         waits = [RESYNC_S, *(t - now for t in due)]
         if self._due is not None:
             waits.append(self._due - time.monotonic())
@@ -229,7 +234,7 @@ class Reconciler:
 
     def _failing(self) -> list[str]:
         """Models in ERROR, or whose last update failed (the old version serves)."""
-        return [n for n, i in self.store.models.items() if i.state is ModelState.ERROR or i.update_error]
+        return [n for n, i in self.store.models.items() if i.state is ModelState.ERROR or i.failed_update]
 
     async def _read(self) -> tuple[Spec | None, list[Problem] | None, bool]:
         """The file's spec (or its problems), and whether its bytes have settled."""
@@ -284,8 +289,8 @@ class Reconciler:
         """A failed update whose target the file no longer asks for (it went back, or on) is no
         longer a failure of this spec."""
         for name, info in list(self.store.models.items()):
-            if info.update_target is not None and spec.models.get(name) != info.update_target:
-                self.store.update(name, update_target=None, update_error=None, update_failures=0, update_retry_at=None)
+            if info.failed_update is not None and spec.models.get(name) != info.failed_update.target:
+                self.store.update(name, failed_update=None)
 
     def _spec_failed(self, problems: list[Problem]) -> None:
         shown = [str(p) for p in problems]

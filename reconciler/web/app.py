@@ -65,7 +65,7 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         status = "plan_refused"  # the spec is valid but cannot run here; nothing was changed
     elif store.pass_error:
         status = "pass_error"
-    elif any(i.state is ModelState.ERROR or i.update_error for i in store.models.values()):
+    elif any(i.state is ModelState.ERROR or i.failed_update for i in store.models.values()):
         status = "degraded"
     elif store.settling:
         status = "settling"  # a save is less than settle_ms old: changes that take away wait

@@ -77,7 +77,7 @@ def refresh(store: StateStore) -> None:
     UPDATE_FAILED.clear()
     for name, info in store.models.items():
         CRASH_LOOPING.labels(name).set(info.crash_looping)
-        UPDATE_FAILED.labels(name).set(info.update_error is not None)
+        UPDATE_FAILED.labels(name).set(info.failed_update is not None)
         for state in ModelState:
             if state is not ModelState.GONE:
                 MODEL_STATE.labels(name, state.value).set(1 if info.state is state else 0)
