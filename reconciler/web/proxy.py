@@ -93,7 +93,7 @@ def route(
             if any(a.name == requested for a in model.lora):
                 return Route(base, requested)
         if spec.server.unknown_model == "reject":
-            return f"model '{_clip(requested)}' does not exist; this server serves: {served_names(spec)}"
+            return unknown_model(spec, requested)
     if endpoint == "embeddings":
         embedders = [n for n, m in spec.loaded.items() if m.server_type == "embedding"]
         if len(embedders) == 1:
@@ -105,6 +105,10 @@ def route(
     if active is None:
         return f"the request names no model and no active model is set; name one of: {served_names(spec)}"
     return Route(active, active)
+
+
+def unknown_model(spec: Spec, requested: str) -> str:
+    return f"model '{_clip(requested)}' does not exist; this server serves: {served_names(spec)}"
 
 
 def served_names(spec: Spec, limit: int = 20) -> str:
@@ -199,9 +203,8 @@ class Proxy:
             return anthropic_error(response)  # only xgen's own errors are JSONResponse here
         return response
 
-    async def _forward(self, request: Request) -> Response:
-        endpoint = request.url.path.removeprefix("/v1/")
-        t0 = time.perf_counter()
+    def _admit(self, request: Request) -> Spec | Response:
+        """The spec to route with, or the answer for a request that goes no further."""
         if (denied := self.check_key(request)) is not None:
             return denied
         spec: Spec | None = self.get_spec()
@@ -209,6 +212,14 @@ class Proxy:
             return openai_error(
                 503, "no valid models.yaml loaded yet", "service_unavailable", headers={"Retry-After": "5"}
             )
+        return spec
+
+    async def _forward(self, request: Request) -> Response:
+        endpoint = request.url.path.removeprefix("/v1/")
+        t0 = time.perf_counter()
+        spec = self._admit(request)
+        if isinstance(spec, Response):
+            return spec
         limit = spec.server.max_body_bytes
         if int(request.headers.get("content-length") or 0) > limit:
             return openai_error(413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large")
@@ -267,11 +278,9 @@ class Proxy:
         """`/upstream/<model>/<path>`: the model's own server, raw (its /props, /slots, /metrics).
         Read-only methods unless `server.upstream_write` allows more."""
         t0 = time.perf_counter()
-        if (denied := self.check_key(request)) is not None:
-            return denied
-        spec: Spec | None = self.get_spec()
-        if spec is None:
-            return openai_error(503, "no valid models.yaml loaded yet", "service_unavailable")
+        spec = self._admit(request)
+        if isinstance(spec, Response):
+            return spec
         if request.method not in ("GET", "HEAD") and not spec.server.upstream_write:
             return openai_error(
                 405,
@@ -283,12 +292,7 @@ class Proxy:
         requested = request.path_params["model"]
         name = spec.resolve(requested)
         if name is None:
-            return openai_error(
-                404,
-                f"model '{_clip(requested)}' does not exist; this server serves: {served_names(spec)}",
-                "invalid_request_error",
-                "model_not_found",
-            )
+            return openai_error(404, unknown_model(spec, requested), "invalid_request_error", "model_not_found")
         info = self.store.models.get(name)
         if info is None or info.state is not ModelState.LOADED or info.port is None:
             return self._unavailable(name, info, spec)
