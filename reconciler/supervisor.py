@@ -75,6 +75,16 @@ def tree_rss(pids: list[int]) -> dict[int, int]:
     return out
 
 
+def read_tail(path: Path, size: int) -> str:
+    """The last `size` bytes of a log file as text ("" when it cannot be read)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def exit_reason(code: int) -> str:
     """`exited with code 1`, or `killed by SIGKILL` for a negative return code."""
     if code < 0:
@@ -406,13 +416,8 @@ class Supervisor:
         return handle
 
     def log_tail(self, name: str, lines: int = TAIL_LINES) -> tuple[str, ...]:
-        path = self.state_dir / "logs" / f"{name}.log"
-        try:
-            with path.open("rb") as f:
-                f.seek(max(0, path.stat().st_size - 16384))
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return ()
+        """The last lines the model's current process wrote (after the last start marker)."""
+        text = read_tail(self.state_dir / "logs" / f"{name}.log", 16384)
         text = text.rsplit("===== xgen: starting", 1)[-1]
         return tuple(text.splitlines()[1:][-lines:])
 

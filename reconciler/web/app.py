@@ -28,6 +28,7 @@ from reconciler.plan import server_view
 from reconciler.spec import Spec
 from reconciler.state import ModelState
 from reconciler.store import StateStore
+from reconciler.supervisor import read_tail
 from reconciler.web import metrics
 from reconciler.web.proxy import Proxy, openai_error
 
@@ -185,7 +186,7 @@ def create_app(
         except ValueError:
             count = 100
         if request.query_params.get("follow") not in ("1", "true"):
-            return JSONResponse({"model": name, "lines": _tail(path, count)})
+            return JSONResponse({"model": name, "lines": read_tail(path, 256 * count).splitlines()[-count:]})
         return StreamingResponse(_follow(store, path), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -218,15 +219,6 @@ def create_app(
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.proxy = proxy
     return app
-
-
-def _tail(path: Path, count: int) -> list[str]:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - 256 * count))
-            return f.read().decode(errors="replace").splitlines()[-count:]
-    except OSError:
-        return []
 
 
 async def _follow(store: StateStore, path: Path) -> AsyncIterator[bytes]:
