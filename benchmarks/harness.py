@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,57 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from net import free_port
+
+
+class Clients:
+    """Threads sending chat requests (every other one streaming when `streams`) until closed;
+    each outcome is kept as (start, seconds, ok: 200 and, for a stream, whole to [DONE])."""
+
+    def __init__(self, url: str, count: int, body: dict[str, Any], streams: bool = True) -> None:
+        self.url = url
+        self.body = body
+        self.rows: list[tuple[float, float, bool]] = []  # start, seconds, ok (200 and a whole stream)
+        self.failures: list[str] = []  # what went wrong, for the report
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._run, args=(streams and i % 2 == 0,), daemon=True) for i in range(count)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, stream: bool) -> None:
+        body = {**self.body, "stream": stream}
+        with httpx.Client(timeout=120) as http:
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                why = ""
+                try:
+                    if stream:
+                        with http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
+                            lines = [line for line in r.iter_lines() if line]
+                            ok = r.status_code == 200 and lines[-1:] == ["data: [DONE]"]
+                            why = f"stream {r.status_code}: {lines[-1:]}"
+                    else:
+                        r = http.post(f"{self.url}/v1/chat/completions", json=body)
+                        ok, why = r.status_code == 200, f"{r.status_code}: {r.text[:300]}"
+                except httpx.HTTPError as exc:
+                    ok, why = False, repr(exc)
+                if not ok:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {why[:300]}")
+                with self.lock:
+                    self.rows.append((t0, time.monotonic() - t0, ok))
+                if not ok:
+                    time.sleep(0.05)  # the daemon may be down: do not spin
+
+    def window(self, start: float, end: float) -> list[tuple[float, float, bool]]:
+        with self.lock:
+            return [r for r in self.rows if start <= r[0] < end]
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
 
 
 class Daemon:

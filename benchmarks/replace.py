@@ -24,63 +24,17 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from harness import Daemon
+from harness import Clients, Daemon
 from slow_backend import write_slow_backend
 from tinygguf import write_tiny_llama
 
 from reconciler.install import default_model_path
 
 SLOW_S = 30.0
-
-
-class Clients:
-    def __init__(self, url: str, count: int) -> None:
-        self.url = url
-        self.rows: list[tuple[float, float, bool]] = []  # start, seconds, ok (200 and a whole stream)
-        self.failures: list[str] = []  # what went wrong, for the report
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True) for i in range(count)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, stream: bool) -> None:
-        body = {"messages": [{"role": "user", "content": "Count to five"}], "max_tokens": 8, "stream": stream}
-        with httpx.Client(timeout=120) as http:
-            while not self.stop.is_set():
-                t0 = time.monotonic()
-                why = ""
-                try:
-                    if stream:
-                        with http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
-                            lines = [line for line in r.iter_lines() if line]
-                            ok = r.status_code == 200 and lines[-1:] == ["data: [DONE]"]
-                            why = f"stream {r.status_code}: {lines[-1:]}"
-                    else:
-                        r = http.post(f"{self.url}/v1/chat/completions", json=body)
-                        ok, why = r.status_code == 200, f"{r.status_code}: {r.text[:300]}"
-                except httpx.HTTPError as exc:
-                    ok, why = False, repr(exc)
-                if not ok:
-                    self.failures.append(f"{time.strftime('%H:%M:%S')} {why[:300]}")
-                with self.lock:
-                    self.rows.append((t0, time.monotonic() - t0, ok))
-
-    def window(self, start: float, end: float) -> list[tuple[float, float, bool]]:
-        with self.lock:
-            return [r for r in self.rows if start <= r[0] < end]
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
 
 
 def model(n_ctx: int, strategy: str) -> str:
@@ -129,7 +83,8 @@ def main() -> None:
     d.save_spec(model(1024, "surge"))
     d.start()
     d.converged()
-    clients = Clients(f"http://127.0.0.1:{d.port}", args.clients)
+    body = {"messages": [{"role": "user", "content": "Count to five"}], "max_tokens": 8}
+    clients = Clients(f"http://127.0.0.1:{d.port}", args.clients, body)
     rows = [replacements(d, clients, strategy, args.replacements) for strategy in ("surge", "recreate")]
     print("| strategy | replacements | requests meanwhile | failed or broken | p50 / p99 during | "
           "p50 / p99 steady | p99 ratio |")
