@@ -61,8 +61,7 @@ def _daemon_url(file: str, spec: specmod.Spec | None, override: str | None) -> s
     if found:
         return found
     server = spec.server if spec else specmod.ServerSettings()
-    host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
-    return f"http://{host}:{server.port}"
+    return statedir.local_url(server.host, server.port)
 
 
 def _daemon_status(url: str) -> dict[str, Any] | None:
@@ -208,8 +207,7 @@ def _wait_converged(url: str, generation: str, timeout: float) -> int:
             ):
                 for name in last.get("failed", []):
                     info: dict[str, Any] = next((m for m in status["loaded_models"] if m["name"] == name), {})
-                    update = (info.get("update") or {}).get("error")
-                    print(f"{name}: {update or info.get('error_message')}", file=sys.stderr)
+                    print(f"{name}: {_error(info)}", file=sys.stderr)
                     for line in info.get("log_tail", [])[-5:]:
                         print(f"  | {line}", file=sys.stderr)
                 for error in last.get("errors", []):

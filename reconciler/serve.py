@@ -126,8 +126,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("xgen serving %s on http://%s:%d (state dir %s)", file, host, port, state_dir)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    statedir.write_address(state_dir, f"http://{local}:{port}", file)  # for the CLI, whatever --port said
+    statedir.write_address(state_dir, statedir.local_url(host, port), file)  # for the CLI, whatever --port said
     web = asyncio.create_task(server.serve())
     loop_task = asyncio.create_task(reconciler.run())
     done, _ = await asyncio.wait({web, loop_task}, return_when=asyncio.FIRST_COMPLETED)

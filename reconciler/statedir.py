@@ -23,6 +23,11 @@ def state_dir_for(file: Path, declared: str | None, override: str | None) -> Pat
     return file.resolve().parent / ".xgen"
 
 
+def local_url(host: str, port: int) -> str:
+    """Where a client on this host reaches a server listening on `host` (any address → loopback)."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
 def write_address(state_dir: Path, url: str, file: Path) -> None:
     tmp = state_dir / f".{DAEMON_FILE}.tmp"
     tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "file": str(file)}))
