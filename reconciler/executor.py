@@ -3,7 +3,10 @@ needs no process at once (activate, updates in place).
 
 `apply()` does not wait for loads: owners of different models converge in parallel and call back
 when done, which asks for a confirming pass. Memory alone orders work across models: a load or a
-surge on a GPU waits for the unloads and recreates of this plan that free that GPU.
+surge on a device waits for the unloads and recreates of this plan that free that device.
+
+Memory orders work across models on the CPU too: an on-demand load waits for the evictions that
+make its room, whichever device that is.
 
 A replacement (reload) surges when the plan says so: the new process starts beside the old one,
 routing switches when it is ready, the old one drains and stops; if the new one never becomes
@@ -21,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from reconciler.demand import devices_of
 from reconciler.owner import Owner
 from reconciler.plan import Action, Plan
 from reconciler.spec import ModelSpec
@@ -63,23 +67,26 @@ class Executor:
                     self.store.update(action.model, spec=action.spec)
             else:
                 per_model.setdefault(action.model, []).append(action)
-        freeing: dict[int, list[asyncio.Task[None]]] = {}
+        freeing: dict[str, list[asyncio.Task[None]]] = {}
         first = [n for n, acts in per_model.items() if any(self._frees(a) for a in acts)]
         for name in [*first, *(n for n in per_model if n not in first)]:
             actions = per_model[name]
-            gpus = {g for a in actions if a.spec for g in a.spec.gpus}
-            after = [t for g in gpus for t in freeing.get(g, [])] if name not in first else []
+            devices = {d for a in actions if a.spec for d in devices_of(a.spec.gpus)}
+            after = [t for d in devices for t in freeing.get(d, [])] if name not in first else []
             task = self._owner(name).want(actions, after)
             if task is not None and name in first:
-                for gpu in self._devices(name, actions):
-                    freeing.setdefault(gpu, []).append(task)
+                for device in self._devices(name, actions):
+                    freeing.setdefault(device, []).append(task)
 
     def _frees(self, action: Action) -> bool:
         return action.kind == "unload" or (action.kind == "reload" and action.strategy != "surge")
 
-    def _devices(self, name: str, actions: Sequence[Action]) -> set[int]:
+    def _devices(self, name: str, actions: Sequence[Action]) -> set[str]:
         info = self.store.models.get(name)
-        return {*(info.spec.gpus if info else ()), *(g for a in actions if a.spec for g in a.spec.gpus)}
+        return {
+            *(devices_of(info.spec.gpus) if info else ()),
+            *(d for a in actions if a.spec for d in devices_of(a.spec.gpus)),
+        }
 
     def _owner(self, name: str) -> Owner:
         owner = self.owners.get(name)
@@ -98,6 +105,8 @@ class Executor:
         ok = True
         for action in actions:
             t0 = time.monotonic()
+            if action.kind in ("load", "unload") and action.adapter is None:
+                self._record_cause(action)
             if action.kind == "unload":
                 await self._retire(name, action.reason)
                 done = True
@@ -112,6 +121,15 @@ class Executor:
             log.info("%s %s: %s in %.2f s", action.kind, name, "ok" if done else "failed", time.monotonic() - t0)
             ok = ok and done
         return ok
+
+    def _record_cause(self, action: Action) -> None:
+        """Why a model is loaded or unloaded, for status, the page and the metrics."""
+        record = self.store.demand_of(action.model)
+        if action.kind == "load":
+            record.loaded_because = action.cause
+        else:
+            record.unloaded_because = action.reason
+        self.store.publish(action.kind, {"model": action.model, "cause": action.cause, "reason": action.reason})
 
     async def _replace(self, action: Action) -> bool:
         name, spec = action.model, action.spec

@@ -1,9 +1,12 @@
-"""GPU memory estimates made before anything starts, so the planner can refuse what cannot fit.
+"""Memory estimates made before anything starts, so the planner can refuse what cannot fit and
+on-demand models can be loaded and evicted inside each device's budget.
 
-GGUF: the header gives tensor sizes per layer, the attention shape and the training context; the
-estimate is the offloaded weights + the f16 KV cache of the offloaded layers for `n_ctx` + the
-compute buffer + the CUDA context. vLLM takes `gpu_memory_utilization` × the GPU's total.
-`read_gguf` is the only I/O here (memory-mapped header, cached by path and mtime).
+GGUF on a GPU: the header gives tensor sizes per layer, the attention shape and the training
+context; the estimate is the offloaded weights + the f16 KV cache of the offloaded layers for
+`n_ctx` + the compute buffer + the CUDA context. GGUF on the CPU: the file (memory-mapped, all of
+it ends up resident) + the KV cache + the compute buffer + the process itself. vLLM takes
+`gpu_memory_utilization` × the GPU's total. `read_gguf` and a file's size are the only I/O here
+(memory-mapped header, cached by path and mtime).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from reconciler.spec import ModelSpec, Spec
 from reconciler.state import GpuInfo
 
 CUDA_CONTEXT_BYTES = 512 * 2**20  # what a CUDA process holds before allocating anything
+PROCESS_BYTES = 48 * 2**20  # llama-server's own code, threads and HTTP server on the CPU (measured: ~40 MiB)
 UBATCH = 512  # llama-server's default physical batch
 
 
@@ -32,6 +36,7 @@ class GgufFacts:
     head_dim: int
     n_vocab: int
     ctx_train: int
+    file_bytes: int  # the whole file: what a CPU model maps and keeps resident
     layer_bytes: tuple[int, ...]  # weights of each repeating block
     output_bytes: int  # output head (+ norm) that llama.cpp offloads after the blocks
     input_bytes: int  # token embeddings: llama.cpp keeps them on the CPU
@@ -83,6 +88,7 @@ def _read_gguf(path: str, _mtime: int, _size: int) -> GgufFacts:
         head_dim,
         n_vocab,
         field(f"{arch}.context_length"),
+        _size,
         tuple(layers),
         output,
         inputs,
@@ -102,9 +108,19 @@ def estimate_gguf(facts: GgufFacts, n_ctx: int, n_gpu_layers: int) -> int:
     return weights + kv + compute + CUDA_CONTEXT_BYTES
 
 
+def estimate_gguf_ram(facts: GgufFacts, n_ctx: int) -> int:
+    """Bytes of RAM for llama-server running a GGUF on the CPU only."""
+    kv = 2 * facts.n_layers * n_ctx * facts.n_head_kv * facts.head_dim * 2
+    compute = UBATCH * facts.n_vocab * 4 + UBATCH * (n_ctx * facts.n_head + 8 * facts.n_embd) * 4
+    return facts.file_bytes + kv + compute + PROCESS_BYTES
+
+
 def estimate(model: ModelSpec, backend: str, gpus: tuple[GpuInfo, ...], gguf: GgufFacts | None = None) -> int | None:
-    """Bytes each GPU of the model's placement needs, or None when unknown/not on a GPU."""
+    """Bytes each device of the model's placement needs (each GPU, or RAM for a CPU model), or
+    None when unknown."""
     if not model.gpus:
+        if backend == "llama-server" and gguf is not None:
+            return estimate_gguf_ram(gguf, model.n_ctx)
         return None
     if backend == "llama-server" and gguf is not None:
         return -(-estimate_gguf(gguf, model.n_ctx, model.n_gpu_layers) // len(model.gpus))
@@ -119,7 +135,7 @@ def estimates_for(models: Mapping[str, tuple[ModelSpec, str]], gpus: tuple[GpuIn
     out: dict[str, int] = {}
     for name, (model, backend) in models.items():
         facts = None
-        if backend == "llama-server" and model.gpus and model.path:
+        if backend == "llama-server" and model.path:
             try:
                 facts = read_gguf(model.path)
             except Exception:  # a third-party parser on any file: an unreadable header means no estimate
@@ -131,6 +147,6 @@ def estimates_for(models: Mapping[str, tuple[ModelSpec, str]], gpus: tuple[GpuIn
 
 
 def spec_estimates(spec: Spec, gpus: tuple[GpuInfo, ...]) -> dict[str, int]:
-    """Estimates for the spec's loaded models that are placed on GPUs (what plan() checks)."""
-    placed = {n: (m, choose_backend(m, gpus)[0]) for n, m in spec.loaded.items() if m.gpus}
+    """Estimates for the spec's pinned and on-demand models, per device (what plan() checks)."""
+    placed = {n: (m, choose_backend(m, gpus)[0]) for n, m in spec.served.items()}
     return estimates_for(placed, gpus)

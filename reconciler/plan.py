@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from reconciler.spec import LoraAdapter, ModelSpec, ServerSettings, Spec
+from reconciler.demand import Candidate, Decision, Room, Usage, decide, devices_of, gib
+from reconciler.spec import LoraAdapter, ModelSpec, ServerSettings, Spec, size_of
 from reconciler.state import GpuInfo, ModelState
 
-PLAN_FORMAT_VERSION = "2"
+PLAN_FORMAT_VERSION = "3"
+Cause = Literal["spec", "demand", "idle", "evict"]
 ActionKind = Literal["unload", "remove_adapter", "reload", "load", "add_adapter", "update", "activate"]
 _ORDER: dict[str, int] = {
     "unload": 0,
@@ -29,7 +31,7 @@ _ORDER: dict[str, int] = {
 # Backends that add and remove LoRA adapters at run time (vLLM with runtime updating enabled).
 RUNTIME_ADAPTERS = frozenset({"vllm"})
 # Fields whose change never needs the process restarted: routing reads them from the spec.
-NO_RESTART = frozenset({"aliases", "desired", "ready_timeout_s", "replace"})
+NO_RESTART = frozenset({"aliases", "desired", "idle_unload_s", "ready_timeout_s", "replace"})
 # Server settings that only a restart of `xgen serve` changes (where it listens, keeps state).
 DAEMON_RESTART = frozenset({"host", "port", "state_dir"})
 
@@ -60,6 +62,9 @@ class Observed:
     estimates: Mapping[str, int] = field(default_factory=dict)  # bytes per GPU, by model name
     server: Mapping[str, Any] | None = None  # the running server settings (server_view), if known
     cpu_count: int = 1  # the host's cores: whether two CPU processes of a model can run at once
+    ram_total: int = 0  # the host's RAM (bytes): the CPU budget; 0: unknown, not checked
+    usage: Mapping[str, Usage] = field(default_factory=dict)  # on-demand models' requests, by name
+    now: float = 0.0  # the time the usage is measured against (idle unload)
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any], now: float) -> Observed:
@@ -93,6 +98,9 @@ class Observed:
             },
             status.get("server"),
             int(status.get("cpu_count") or 1),
+            int((status.get("host") or {}).get("ram_total_bytes") or 0),
+            {name: Usage(**u) for name, u in (status.get("demand") or {}).items()},
+            now,
         )
 
 
@@ -118,6 +126,7 @@ class Action:
     changes: tuple[Change, ...] = ()
     adapter: LoraAdapter | None = None
     strategy: Literal["surge", "recreate"] | None = None  # how a reload replaces the process
+    cause: Cause = "spec"  # why a model is loaded or unloaded
 
     def order(self) -> tuple[int, str, str]:
         return (_ORDER[self.kind], self.model, self.adapter.name if self.adapter else "")
@@ -131,6 +140,7 @@ class Action:
             "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in self.changes],
             "adapter": self.adapter.model_dump(mode="json") if self.adapter else None,
             "strategy": self.strategy,
+            "cause": self.cause,
         }
 
 
@@ -148,6 +158,19 @@ class Drift:
 
 
 @dataclass(frozen=True)
+class Standing:
+    """An on-demand model's place in this plan: resident (kept or loading for requests), standby
+    (available, not resident) or refused (requests wait for it, nothing can make room)."""
+
+    model: str
+    status: Literal["resident", "standby", "queued", "refused", "unloading"]
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "status": self.status, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Plan:
     generation: str
     actions: tuple[Action, ...] = ()
@@ -155,6 +178,7 @@ class Plan:
     errors: tuple[str, ...] = ()
     budgets: tuple[dict[str, Any], ...] = ()
     drift: tuple[Drift, ...] = ()
+    on_demand: tuple[Standing, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -175,7 +199,8 @@ class Plan:
             "notes": list(self.notes),
             "errors": list(self.errors),
             "drift": [d.to_json() for d in self.drift],
-            "gpu_budgets": list(self.budgets),
+            "budgets": list(self.budgets),
+            "on_demand": [o.to_json() for o in self.on_demand],
             "summary": {**counts, "changes": len(self.actions), "drift": len(self.drift)},
         }
 
@@ -261,17 +286,28 @@ def plan(spec: Spec, observed: Observed) -> Plan:
     actions: list[Action] = []
     notes: list[str] = []
     drift: list[Drift] = []
-    budgets, errors = _check_placement(spec, observed)
-    wanted = spec.loaded
+    rooms, errors = _check_placement(spec, observed)
+    decision = _decide(spec, observed, rooms) if spec.on_demand else Decision()
+    budgets = _budgets(spec, observed, rooms, decision)
+    wanted = {**spec.loaded, **{n: spec.models[n] for n in decision.keep}}
     max_restarts = spec.server.max_restarts
     for name in sorted(set(observed.models) - set(wanted)):
-        why = "desired: unloaded" if name in spec.models else "removed from spec"
-        actions.append(Action("unload", name, why, observed.models[name].backend))
+        gone: tuple[Cause, str] = decision.unload.get(name) or (
+            "spec",
+            f"desired: {spec.models[name].desired}" if name in spec.models else "removed from spec",
+        )
+        actions.append(Action("unload", name, gone[1], observed.models[name].backend, cause=gone[0]))
     for name, want in wanted.items():
         backend, why = choose_backend(want, observed.gpus)
         have = observed.models.get(name)
         if have is None:
-            actions.append(Action("load", name, f"new model; {why}", backend, want))
+            if want.desired == "on_demand":
+                asked = observed.usage.get(name, Usage()).waiting
+                actions.append(
+                    Action("load", name, f"on demand: {asked} request(s) wait; {why}", backend, want, cause="demand")
+                )
+            else:
+                actions.append(Action("load", name, f"new model; {why}", backend, want))
             continue
         changes = restart_changes(want, have.spec)
         in_place = in_place_changes(want, have.spec)
@@ -305,7 +341,9 @@ def plan(spec: Spec, observed: Observed) -> Plan:
                     )
                 )
             elif have.retry_due:
-                actions.append(Action("load", name, f"retry {have.failures}{of} after: {have.error}", backend, want))
+                retry = f"retry {have.failures}{of} after: {have.error}"
+                on_demand = want.desired == "on_demand"
+                actions.append(Action("load", name, retry, backend, want, cause="demand" if on_demand else "spec"))
             else:
                 waiting = f"{have.error}; retry {have.failures}{of} after the backoff"
                 drift.append(Drift(name, have.state.value, waiting))
@@ -316,7 +354,7 @@ def plan(spec: Spec, observed: Observed) -> Plan:
     active = spec.resolve(spec.active) if spec.active else _default_active(spec)
     if active != observed.active:
         actions.append(Action("activate", active or "", f"was {observed.active or 'none'}"))
-    notes.extend(_placement_notes(spec))
+    notes.extend(_placement_notes(spec, observed))
     return Plan(
         spec.generation,
         tuple(sorted(actions, key=Action.order)),
@@ -324,7 +362,43 @@ def plan(spec: Spec, observed: Observed) -> Plan:
         tuple(errors),
         tuple(budgets),
         tuple(drift),
+        _standings(spec, observed, decision),
     )
+
+
+def _decide(spec: Spec, observed: Observed, rooms: Mapping[str, Room]) -> Decision:
+    """The on-demand models to keep resident, load, unload and refuse (demand.py's rules)."""
+    candidates = [
+        Candidate(
+            name,
+            devices_of(model.gpus),
+            observed.estimates.get(name),
+            name in observed.models,
+            observed.usage.get(name, Usage()),
+            model.idle_unload_s,
+        )
+        for name, model in spec.on_demand.items()
+    ]
+    return decide(candidates, rooms, observed.now, len(spec.loaded), spec.server.max_loaded)
+
+
+def _standings(spec: Spec, observed: Observed, decision: Decision) -> tuple[Standing, ...]:
+    out = []
+    for name in spec.on_demand:
+        if name in decision.refused:
+            out.append(Standing(name, "refused", decision.refused[name]))
+        elif name in decision.queued:
+            out.append(Standing(name, "queued", decision.queued[name]))
+        elif name in decision.unload:
+            out.append(Standing(name, "unloading", decision.unload[name][1]))
+        elif name in decision.keep:
+            waiting = observed.usage.get(name, Usage()).waiting
+            loading = name not in observed.models
+            why = f"loading for {waiting} waiting request(s)" if loading else "resident: used recently"
+            out.append(Standing(name, "resident", why))
+        else:
+            out.append(Standing(name, "standby", "loaded by the first request for it"))
+    return tuple(out)
 
 
 def replace_strategy(
@@ -354,10 +428,10 @@ def replace_strategy(
     if need is None:
         return "recreate", "recreate: no memory estimate to prove that both fit"
     for budget in budgets:
-        if budget["gpu"] in want.gpus:
-            free = budget["available_bytes"] - budget["planned_bytes"]  # after every planned model, this one too
+        if budget["device"] in devices_of(want.gpus):
+            free = budget["free_bytes"]  # after every planned model, this one too
             if need > free:
-                return "recreate", f"recreate: needs {_gib(need)} more on GPU {budget['gpu']}, {_gib(free)} free"
+                return "recreate", f"recreate: needs {gib(need)} more on {label(budget['device'])}, {gib(free)} free"
     return "surge", "surge"
 
 
@@ -370,13 +444,18 @@ def _server_update(want: Mapping[str, Any], have: Mapping[str, Any], notes: list
     return [Action("update", "", "server settings; apply without a restart", changes=live)] if live else []
 
 
-def _placement_notes(spec: Spec) -> list[str]:
-    """Placements that are valid but almost certainly not what was meant."""
+def _placement_notes(spec: Spec, observed: Observed) -> list[str]:
+    """Placements that are valid but almost certainly not what was meant, and on-demand models
+    whose memory no budget can account for."""
     return [
         f"models.{name}: gpu_index {model.gpu_index} with n_gpu_layers 0 offloads nothing to the GPU "
         "(set n_gpu_layers: -1 to offload every layer)"
-        for name, model in spec.loaded.items()
+        for name, model in spec.served.items()
         if model.gpus and model.n_gpu_layers == 0 and model.format == "gguf"
+    ] + [
+        f"models.{name}: no memory estimate for this backend; only server.max_loaded limits how many load at once"
+        for name in spec.on_demand
+        if name not in observed.estimates
     ]
 
 
@@ -386,49 +465,115 @@ def _default_active(spec: Spec) -> str | None:
     return llms[0] if len(llms) == 1 else None
 
 
-def _check_placement(spec: Spec, observed: Observed) -> tuple[list[dict[str, Any]], list[str]]:
-    """Refuse GPU indices that do not exist, memory that does not fit, and too few ports."""
+def budget_of(settings: ServerSettings, device: str, total: int) -> int:
+    """What xgen's models may use of a device: its explicit budget, else its memory less the reserve."""
+    explicit = settings.budgets.get(device)
+    if explicit is None and device.startswith("gpu"):
+        explicit = settings.budgets.get("gpu")
+    if explicit is not None:
+        return min(total, size_of(explicit, total))
+    return max(0, total - size_of(settings.memory_reserve, total))
+
+
+def _devices(spec: Spec, observed: Observed) -> dict[str, tuple[str, int, int]]:
+    """Each device's name, total and budget (a GPU's less what processes xgen does not own hold)."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for gpu in observed.gpus:
+        ours = sum(observed.estimates.get(n, 0) for n, m in observed.models.items() if gpu.index in m.spec.gpus)
+        others = max(0, (gpu.memory_used or 0) - ours)
+        budget = min(budget_of(spec.server, f"gpu{gpu.index}", gpu.memory_total), gpu.memory_total - others)
+        out[f"gpu{gpu.index}"] = (gpu.name, gpu.memory_total, budget)
+    if observed.ram_total:
+        out["cpu"] = ("RAM", observed.ram_total, budget_of(spec.server, "cpu", observed.ram_total))
+    return out
+
+
+def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], list[str]]:
+    """Refuse GPU indices that do not exist, pinned models that do not fit their devices, on-demand
+    models that could never fit beside them, and too few ports. Returns each device's room."""
     errors: list[str] = []
     by_index = {g.index: g for g in observed.gpus}
-    need: dict[int, list[tuple[str, int]]] = {}
-    for name, model in spec.loaded.items():
-        for index in model.gpus:
-            if index not in by_index:
-                have = (
-                    ", ".join(f"{g.index} ({g.name})" for g in observed.gpus) or f"none (detector: {observed.detector})"
-                )
-                errors.append(f"models.{name}.gpu_index: GPU {index} does not exist; GPUs on this host: {have}")
-            elif name in observed.estimates:
-                need.setdefault(index, []).append((name, observed.estimates[name]))
-    budgets = []
-    for index, users in sorted(need.items()):
-        gpu = by_index[index]
-        ours = sum(observed.estimates.get(n, 0) for n, m in observed.models.items() if index in m.spec.gpus)
-        available = gpu.memory_total - max(0, (gpu.memory_used or 0) - ours)
-        wanted = sum(b for _, b in users)
-        budgets.append(
-            {
-                "gpu": index,
-                "name": gpu.name,
-                "total_bytes": gpu.memory_total,
-                "available_bytes": available,
-                "planned_bytes": wanted,
-                "models": {n: b for n, b in users},
-            }
-        )
-        if wanted > available:
-            detail = ", ".join(f"{n} {_gib(b)}" for n, b in users)
+    devices = _devices(spec, observed)
+    pinned: dict[str, dict[str, int]] = {}
+    for name, model in spec.served.items():
+        missing = [i for i in model.gpus if i not in by_index]
+        for index in missing:
+            have = ", ".join(f"{g.index} ({g.name})" for g in observed.gpus) or f"none (detector: {observed.detector})"
+            errors.append(f"models.{name}.gpu_index: GPU {index} does not exist; GPUs on this host: {have}")
+        if not missing and name in observed.estimates and model.desired == "loaded":
+            for device in devices_of(model.gpus):
+                pinned.setdefault(device, {})[name] = observed.estimates[name]
+    rooms = {d: Room(d, budget, pinned.get(d, {})) for d, (_, _, budget) in devices.items()}
+    for device, room in rooms.items():
+        if room.held > room.budget:
+            detail = ", ".join(f"{n} {gib(b)}" for n, b in room.pinned.items())
             errors.append(
-                f"GPU {index} ({gpu.name}): the models placed on it need {_gib(wanted)} but "
-                f"{_gib(available)} is available ({detail}); short by {_gib(wanted - available)}"
+                f"{_device_name(device, devices)}: the models placed on it need {gib(room.held)} but "
+                f"{gib(room.budget)} is available ({detail}); short by {gib(room.held - room.budget)}"
             )
+    for name, model in spec.on_demand.items():
+        need = observed.estimates.get(name)
+        for device in devices_of(model.gpus):
+            space = rooms.get(device)
+            if need is not None and space is not None and need > space.budget - space.held:
+                errors.append(
+                    f"models.{name}: on demand it needs {gib(need)} on {_device_name(device, devices)}, but the "
+                    f"budget of {gib(space.budget)} leaves {gib(max(0, space.budget - space.held))} beside the pinned "
+                    f"models ({', '.join(space.pinned) or 'none'}); it could never be loaded"
+                )
+    limit = spec.server.max_loaded
+    if limit is not None and len(spec.loaded) + (1 if spec.on_demand else 0) > limit:
+        errors.append(
+            f"server.max_loaded: {limit}, but {len(spec.loaded)} models are pinned"
+            + (" and on-demand models need room for one more" if spec.on_demand else "")
+        )
     low, high = spec.server.port_range
-    auto_ports = sum(1 for m in spec.loaded.values() if m.port is None)
+    on_demand = len(spec.on_demand) if limit is None else min(len(spec.on_demand), max(0, limit - len(spec.loaded)))
+    auto_ports = sum(1 for m in spec.loaded.values() if m.port is None) + on_demand
     if auto_ports > high - low + 1:
         errors.append(
-            f"server.port_range: {auto_ports} models need a port but {low}-{high} has {high - low + 1}; widen the range"
+            f"server.port_range: {auto_ports} models need a port but {low}-{high} has {high - low + 1}; widen the "
+            "range" + (" or set server.max_loaded" if on_demand else "")
         )
-    return budgets, errors
+    return rooms, errors
+
+
+def _device_name(device: str, devices: Mapping[str, tuple[str, int, int]]) -> str:
+    return label(device) if device == "cpu" else f"{label(device)} ({devices[device][0]})"
+
+
+def label(device: str) -> str:
+    """A device key (cpu, gpu0) as people write it."""
+    return "CPU RAM" if device == "cpu" else f"GPU {device.removeprefix('gpu')}"
+
+
+def _budgets(spec: Spec, observed: Observed, rooms: Mapping[str, Room], decision: Decision) -> list[dict[str, Any]]:
+    """Each device a model is placed on: its budget, what pinned and resident on-demand models take."""
+    devices = _devices(spec, observed)
+    used = {d for m in spec.served.values() for d in devices_of(m.gpus)}
+    out = []
+    for device, room in rooms.items():
+        if device not in used:
+            continue
+        on_demand = {
+            n: observed.estimates[n]
+            for n in decision.keep
+            if n in observed.estimates and device in devices_of(spec.models[n].gpus)
+        }
+        name, total, budget = devices[device]
+        out.append(
+            {
+                "device": device,
+                "name": name,
+                "total_bytes": total,
+                "budget_bytes": budget,
+                "pinned_bytes": room.held,
+                "pinned": dict(room.pinned),
+                "on_demand": on_demand,
+                "free_bytes": budget - room.held - sum(on_demand.values()),
+            }
+        )
+    return out
 
 
 # ---------------------------------------------------------------- rendering
@@ -475,10 +620,14 @@ def render_text(p: Plan) -> str:
         lines.extend(f"  ! {d.model}: {d.state}: {d.reason}" for d in p.drift)
     for note in p.notes:
         lines.append(f"  # {note}")
+    for o in p.on_demand:
+        lines.append(f"  # on demand {o.model}: {o.status}: {o.reason}")
     for b in p.budgets:
+        on_demand = sum(b["on_demand"].values())
+        resident = f" + {gib(on_demand)} on demand" if b["on_demand"] else ""
         lines.append(
-            f"  # GPU {b['gpu']} ({b['name']}): {_gib(b['planned_bytes'])} planned of "
-            f"{_gib(b['available_bytes'])} available"
+            f"  # {b['device']} ({b['name']}): {gib(b['pinned_bytes'])} pinned{resident} of a "
+            f"{gib(b['budget_bytes'])} budget"
         )
     if lines and lines[-1]:
         lines.append("")
@@ -520,7 +669,3 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _show(value: Any) -> str:
     return "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"

@@ -103,6 +103,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
     )
     executor = Executor(store, supervisor, DRAIN_S, on_done=lambda: reconciler.request_pass() if reconciler else None)
     reconciler = Reconciler(file, store, executor, GpuMonitor(), state_dir, spec if kept else None)
+    store.wake = reconciler.request_pass  # a request waits for an on-demand model
     app = create_app(
         store, lambda: reconciler.spec if reconciler else None, executor.inflight, backends, state_dir / "logs"
     )

@@ -33,7 +33,7 @@ _TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "flo
 BACKENDS = ("llama-server", "vllm", "transformers")
 Backend = Literal["auto", "llama-server", "vllm", "transformers"]
 ServerType = Literal["llm", "embedding"]
-Desired = Literal["loaded", "unloaded"]
+Desired = Literal["loaded", "on_demand", "unloaded"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
 
 # Flags xgen sets itself from spec fields; in extra_args they would silently fight the spec.
@@ -99,6 +99,18 @@ class ServerSettings(_Strict):
         description="Allow methods other than GET and HEAD through /upstream/<model>/<path> (the backends' own "
         "endpoints, e.g. /slots actions); off, so nothing changes a backend behind xgen's back.",
     )
+    budgets: dict[str, int | str] = Field(
+        default_factory=dict,
+        description="Memory xgen's models may use per device: `cpu`, `gpu` (every GPU) or `gpu0`, `gpu1` …, as "
+        "bytes, a size (`12GiB`, `800MiB`) or a share of the device (`90%`). Default: the device's memory minus "
+        "`memory_reserve`. On-demand models are loaded and evicted to stay inside it.",
+    )
+    memory_reserve: int | str = Field(
+        "1GiB", description="Memory left free on every device whose budget is not set (a size or a share)."
+    )
+    max_loaded: int | None = Field(
+        None, ge=1, description="Most models resident at once, pinned and on-demand together; null: no limit."
+    )
     unknown_model: Literal["reject", "active"] = Field(
         "reject",
         description="A /v1 request naming a model xgen does not serve: `reject` answers 404 model_not_found, "
@@ -109,6 +121,21 @@ class ServerSettings(_Strict):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("budgets", mode="after")
+    @classmethod
+    def _budgets(cls, value: dict[str, int | str]) -> dict[str, int | str]:
+        for device, amount in value.items():
+            if not re.fullmatch(r"cpu|gpu|gpu\d+", device):
+                raise ValueError(f"found device '{device}', expected cpu, gpu (every GPU) or gpu0, gpu1 …")
+            size_of(amount, 1)
+        return value
+
+    @field_validator("memory_reserve", mode="after")
+    @classmethod
+    def _reserve(cls, value: int | str) -> int | str:
+        size_of(value, 1)
+        return value
 
     @field_validator("port_range", mode="after")
     @classmethod
@@ -188,7 +215,18 @@ class ModelSpec(_Strict):
     n_ctx: int = Field(4096, ge=16, description="Context length in tokens.")
     port: int | None = Field(None, ge=1, le=65535, description="Fixed backend port (default: from port_range).")
     aliases: list[str] = Field(default_factory=list, description="Other names /v1 requests may use.")
-    desired: Desired = "loaded"
+    desired: Desired = Field(
+        "loaded",
+        description="`loaded`: pinned, always resident, never evicted. `on_demand`: loaded by the first request "
+        "for it, unloaded after `idle_unload_s` without one, evicted when another model needs its memory. "
+        "`unloaded`: not served.",
+    )
+    idle_unload_s: float | None = Field(
+        None,
+        gt=0,
+        description="On-demand models: unload after this long without a request (null: only evicted); "
+        "pinned models ignore it, so it may be set in `defaults`.",
+    )
     replace: Literal["auto", "surge", "recreate"] = Field(
         "auto",
         description="How a launch change replaces the running process: `surge` starts the new one beside the old "
@@ -236,8 +274,18 @@ class Spec(_Strict):
 
     @property
     def loaded(self) -> dict[str, ModelSpec]:
-        """Models whose desired state is loaded, in file order."""
+        """Pinned models (desired: loaded), in file order."""
         return {n: m for n, m in self.models.items() if m.desired == "loaded"}
+
+    @property
+    def on_demand(self) -> dict[str, ModelSpec]:
+        """Models loaded by requests (desired: on_demand), in file order."""
+        return {n: m for n, m in self.models.items() if m.desired == "on_demand"}
+
+    @property
+    def served(self) -> dict[str, ModelSpec]:
+        """Every model a request may reach: pinned and on demand."""
+        return {n: m for n, m in self.models.items() if m.desired != "unloaded"}
 
     @functools.cached_property
     def generation(self) -> str:
@@ -250,6 +298,25 @@ class Spec(_Strict):
         if name in self.models:
             return name
         return next((n for n, m in self.models.items() if name in m.aliases), None)
+
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def size_of(amount: int | str, total: int) -> int:
+    """Bytes meant by a budget: an integer, a size ('12GiB', '800 MiB') or a share of `total` ('90%')."""
+    if isinstance(amount, int):
+        if amount < 0:
+            raise ValueError(f"found {amount}, expected a size of at least 0 bytes")
+        return amount
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b|b)?\s*", amount, re.IGNORECASE)
+    unit = (match.group(2) or "").lower() if match else ""
+    if match is None or (unit not in _UNITS and unit != "%") or (unit == "%" and float(match.group(1)) > 100):
+        raise ValueError(
+            f"found {amount!r}, expected bytes (an integer), a size such as 12GiB or 800MiB, or a share such as 90%"
+        )
+    number = float(match.group(1))
+    return int(total * number / 100) if unit == "%" else int(number * _UNITS[unit])
 
 
 # ---------------------------------------------------------------- errors
@@ -627,8 +694,10 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
             reader.problem(
                 ("active",), f"found '{spec.active}', expected the name or alias of a model (models: {names})"
             )
-        elif spec.models[target].desired != "loaded":
-            reader.problem(("active",), f"model '{target}' has desired: unloaded; the active model must be loaded")
+        elif spec.models[target].desired == "unloaded":
+            reader.problem(
+                ("active",), f"model '{target}' has desired: unloaded; the active model must be loaded or on_demand"
+            )
         elif spec.models[target].server_type == "embedding":
             reader.problem(("active",), f"model '{target}' is an embedding model; the active model must be an llm")
 

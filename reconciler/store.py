@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.demand import Usage
 from reconciler.state import ModelInfo, ModelState, transition
 
 log = logging.getLogger("xgen")
@@ -28,6 +29,24 @@ class Event:
     id: int
     kind: str  # state | plan | spec_error | spec_ok | pass_error | crash_loop | active | gpu
     data: dict[str, Any]
+
+
+@dataclass
+class Demand:
+    """How a model is asked for, kept across its loads and unloads (the proxy writes the usage,
+    the daemon the causes)."""
+
+    last_used: float | None = None
+    waiting: int = 0  # requests waiting for it to load
+    wanted_at: float | None = None  # when the first of them arrived
+    load_s: float | None = None  # its last load, start to ready
+    swap_s: float | None = None  # its last load on demand, first waiting request to ready
+    loaded_because: str | None = None  # spec | demand
+    unloaded_because: str | None = None  # why it last went: idle, evicted for X, spec
+    refused: str | None = None  # requests wait and nothing can make room: why
+
+    def usage(self, inflight: int) -> Usage:
+        return Usage(self.last_used, self.waiting, self.wanted_at, inflight, self.load_s)
 
 
 @dataclass
@@ -46,6 +65,9 @@ class StateStore:
     settling: bool = False  # the file changed less than settle_ms ago: routing may be about to change
     gpu: dict[str, Any] = field(default_factory=lambda: {"detector": "cpu", "total": 0, "gpus": []})
     started_at: float = field(default_factory=time.time)
+    demand: dict[str, Demand] = field(default_factory=dict)
+    wake: Callable[[], None] = lambda: None  # asks the daemon for a pass (a request wants a model)
+    waiting: int = 0  # requests waiting for on-demand models, all together
     _events: deque[Event] = field(default_factory=deque)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
@@ -53,6 +75,43 @@ class StateStore:
     _changed: asyncio.Condition | None = None
 
     # ------------------------------------------------ writes (daemon side only)
+
+    def demand_of(self, name: str) -> Demand:
+        record = self.demand.get(name)
+        if record is None:
+            record = self.demand[name] = Demand()
+        return record
+
+    def touch(self, name: str) -> None:
+        """A request for `name` starts or ends (the idle clock restarts)."""
+        self.demand_of(name).last_used = time.time()
+
+    def want(self, name: str) -> None:
+        """A request waits for `name` to load: ask the daemon to bring it in."""
+        record = self.demand_of(name)
+        record.waiting += 1
+        self.waiting += 1
+        record.wanted_at = record.wanted_at or time.time()
+        record.refused = None  # decided afresh for this request
+        self.wake()
+
+    def unwant(self, name: str) -> None:
+        record = self.demand_of(name)
+        if record.waiting:
+            record.waiting -= 1
+            self.waiting -= 1
+        if not record.waiting:
+            record.wanted_at = None
+
+    def refuse(self, name: str, why: str | None) -> None:
+        """The daemon's answer to waiting requests when nothing can make room (None: no longer)."""
+        record = self.demand_of(name)
+        if record.refused != why:
+            record.refused = why
+            if why is not None:
+                log.warning("%s", why)
+                self.publish("refused", {"model": name, "reason": why})
+            self._notify()
 
     def put(self, info: ModelInfo) -> None:
         """Record a model entering LOADING from nothing (a load, or the start of a reload)."""
@@ -66,7 +125,13 @@ class StateStore:
             del self.models[name]
         else:
             self.models[name] = new
-        self._state_event(new, old.state, reason)
+        extra: dict[str, float] = {}
+        if to is ModelState.LOADED and old.state is ModelState.LOADING:
+            record = self.demand_of(name)
+            record.load_s = extra["load_s"] = round(new.since - (new.started_at or new.since), 3)
+            if record.wanted_at is not None:  # requests waited for this load: the swap they saw
+                record.swap_s = extra["swap_s"] = round(new.since - record.wanted_at, 3)
+        self._state_event(new, old.state, reason, extra)
         return new
 
     def update(self, name: str, **changes: Any) -> None:
@@ -84,10 +149,12 @@ class StateStore:
         self._notify()
         return event
 
-    def _state_event(self, info: ModelInfo, old: ModelState | None, reason: str) -> None:
+    def _state_event(
+        self, info: ModelInfo, old: ModelState | None, reason: str, extra: dict[str, float] | None = None
+    ) -> None:
         msg = f"{info.name}: {old.value if old else '-'} → {info.state.value}"
-        extra = f" ({reason})" if reason else ""
-        (log.warning if info.state is ModelState.ERROR else log.info)("%s%s", msg, extra)
+        why = f" ({reason})" if reason else ""
+        (log.warning if info.state is ModelState.ERROR else log.info)("%s%s", msg, why)
         self.publish(
             "state",
             {
@@ -96,6 +163,7 @@ class StateStore:
                 "to": info.state.value,
                 "reason": reason,
                 "info": info.to_json(),
+                **(extra or {}),
             },
         )
 
@@ -149,17 +217,21 @@ class StateStore:
                 yield None
 
     async def wait_for(
-        self, name: str, timeout: float, passing: frozenset[ModelState | None] = frozenset({ModelState.LOADING})
+        self,
+        name: str,
+        timeout: float,
+        passing: frozenset[ModelState | None] = frozenset({ModelState.LOADING}),
+        until: Callable[[], bool] = lambda: False,
     ) -> ModelInfo | None:
         """Wait while `name` is in one of the `passing` states (None: not known yet), up to the
-        timeout; return its info then."""
+        timeout or until `until()`; return its info then."""
         if self._changed is None:
             self._changed = asyncio.Condition()
         deadline = time.monotonic() + timeout
         while True:
             info = self.models.get(name)
             left = deadline - time.monotonic()
-            if (info.state if info else None) not in passing or left <= 0 or self.closed:
+            if (info.state if info else None) not in passing or left <= 0 or self.closed or until():
                 return info
             async with self._changed:
                 with contextlib.suppress(TimeoutError):

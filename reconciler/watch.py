@@ -25,9 +25,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from watchfiles import awatch
 
 from reconciler import last_good, memory
+from reconciler.demand import Usage
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
 from reconciler.plan import Observed, Plan, plan, server_view
@@ -117,10 +119,31 @@ class Reconciler:
             for t in (i.retry_at, i.failed_update.retry_at if i.failed_update else None)
             if t and t > now
         ]
+        due += [t for t in self._idle_deadlines() if t > now]
         waits = [RESYNC_S, *(t - now for t in due)]
         if self._due is not None:
             waits.append(self._due - time.monotonic())
         return max(0.01, min(waits))
+
+    def _idle_deadlines(self) -> list[float]:
+        """When each resident on-demand model reaches its idle_unload_s (if nothing uses it)."""
+        if self.spec is None:
+            return []
+        return [
+            record.last_used + model.idle_unload_s
+            for name, model in self.spec.on_demand.items()
+            if model.idle_unload_s is not None
+            and name in self.store.models
+            and (record := self.store.demand_of(name)).last_used is not None
+        ]
+
+    def usage(self, spec: Spec) -> dict[str, Usage]:
+        """The on-demand models' usage as the proxy recorded it, with requests in flight now."""
+        ports = {n: i.port for n, i in self.store.models.items()}
+        return {
+            name: self.store.demand_of(name).usage(self.executor.inflight.get(ports.get(name) or 0, 0))
+            for name in spec.on_demand
+        }
 
     async def _watch_file(self) -> None:
         async for changes in awatch(
@@ -156,6 +179,9 @@ class Reconciler:
             memory.spec_estimates(spec, gpus),
             server_view(self.spec.server) if self.spec else None,  # adopted when the file settled
             os.cpu_count() or 1,
+            psutil.virtual_memory().total,
+            self.usage(spec),
+            time.time(),
         )
 
     async def reconcile(self) -> None:
@@ -196,6 +222,8 @@ class Reconciler:
             p = dataclasses.replace(p, actions=tuple(a for a in p.actions if a.kind in ADDITIVE))
         shown = p.to_json()
         self.store.last_plan = shown
+        for standing in p.on_demand:
+            self.store.refuse(standing.model, standing.reason if standing.status == "refused" else None)
         if p.errors:
             if self.store.plan_errors != list(p.errors):  # once per refusal, not every resync
                 for error in p.errors:

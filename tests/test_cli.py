@@ -157,7 +157,7 @@ def test_plan_json_of_an_invalid_file_is_json_with_locations(tmp_path: Path) -> 
     result = xgen("plan", str(f), "--json")
     assert result.returncode == 1
     out = json.loads(result.stdout)
-    assert out["valid"] is False and out["format_version"] == "2"
+    assert out["valid"] is False and out["format_version"] == "3"
     assert {"file": str(f), "line": 3, "column": 5, "field": "models.a.n_ctx",
             "message": "found 'banana', expected an integer"} in out["problems"]
 

@@ -150,7 +150,8 @@ def test_estimates_per_backend(tiny_gguf: Path) -> None:
     cpu = ModelSpec(path=str(tiny_gguf))
     out = memory.estimates_for({"g": (gguf, "llama-server"), "v": (vllm, "vllm"), "c": (cpu, "llama-server")}, h100)
     whole = memory.estimate_gguf(memory.read_gguf(str(tiny_gguf)), 4096, -1)
-    assert out == {"g": -(-whole // 2), "v": H100_TOTAL // 2}
+    ram = memory.estimate_gguf_ram(memory.read_gguf(str(tiny_gguf)), 4096)
+    assert out == {"g": -(-whole // 2), "v": H100_TOTAL // 2, "c": ram}  # a CPU model's is RAM
 
 
 def test_unreadable_gguf_gives_no_estimate_instead_of_a_crash(tmp_path: Path) -> None:

@@ -342,7 +342,7 @@ GPU_SPEC = "models:\n  big:\n    path: /m/big.gguf\n    gpu_index: 0\n    n_gpu_
         (GPU_SPEC, ModelState.LOADED, None, 0, ("recreate", "recreate: no memory estimate to prove that both fit")),
         (GPU_SPEC, ModelState.LOADED, 30 * 2**30, 0, ("surge", "surge")),  # 30 + 30 GiB fit in 80
         (GPU_SPEC, ModelState.LOADED, 50 * 2**30, 0,
-         ("recreate", "recreate: needs 50.00 GiB more on GPU 0, 30.00 GiB free")),
+         ("recreate", "recreate: needs 50.00 GiB more on GPU 0, 29.00 GiB free")),  # 1 GiB reserve
     ],
     ids=["cpu-too-few-cores", "cpu-one-thread-each", "forced-recreate", "not-serving", "fixed-port",
          "gpu-no-estimate", "gpu-fits", "gpu-short"],

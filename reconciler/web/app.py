@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -59,7 +60,46 @@ def _loopback(request: Request) -> bool:
         return host in ("localhost", "testclient")
 
 
-def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availability]) -> dict[str, Any]:
+def inflight_of(store: StateStore, inflight: dict[int, int], name: str) -> int:
+    info = store.models.get(name)
+    return inflight.get(info.port, 0) if info is not None and info.port is not None else 0
+
+
+def on_demand_json(store: StateStore, spec: Spec) -> list[dict[str, Any]]:
+    """Each on-demand model: resident or standby, its last use, the idle countdown, and why it
+    was last loaded or unloaded."""
+    now = time.time()
+    out = []
+    for name, model in spec.on_demand.items():
+        record = store.demand_of(name)
+        info = store.models.get(name)
+        idle_at = (
+            record.last_used + model.idle_unload_s
+            if info is not None and record.last_used is not None and model.idle_unload_s is not None
+            else None
+        )
+        out.append(
+            {
+                "name": name,
+                "residency": "resident" if info is not None else "standby",
+                "state": info.state.value if info is not None else None,
+                "last_used": record.last_used,
+                "idle_unload_s": model.idle_unload_s,
+                "idle_unload_in_s": round(max(0.0, idle_at - now), 1) if idle_at is not None else None,
+                "waiting": record.waiting,
+                "load_s": record.load_s,
+                "swap_s": record.swap_s,
+                "loaded_because": record.loaded_because if info is not None else None,
+                "unloaded_because": record.unloaded_because if info is None else None,
+                "refused": record.refused,
+            }
+        )
+    return out
+
+
+def status_json(
+    store: StateStore, spec: Spec | None, backends: dict[str, Availability], inflight: dict[int, int]
+) -> dict[str, Any]:
     if store.spec_error:
         status = "spec_error"
     elif store.plan_errors:
@@ -91,9 +131,14 @@ def status_json(store: StateStore, spec: Spec | None, backends: dict[str, Availa
         "available_backends": {n: {"available": a.ok, "detail": a.detail} for n, a in backends.items()},
         "loaded_models": models,
         "desired_models": {n: m.desired for n, m in spec.models.items()} if spec else {},
-        "unloaded_models": [n for n, m in spec.models.items() if m.desired != "loaded" and n not in store.models]
+        "unloaded_models": [n for n, m in spec.models.items() if m.desired == "unloaded" and n not in store.models]
         if spec
         else [],
+        "on_demand_models": on_demand_json(store, spec) if spec else [],
+        "demand": {n: store.demand_of(n).usage(inflight_of(store, inflight, n)).to_json() for n in spec.on_demand}
+        if spec
+        else {},
+        "host": {"ram_total_bytes": psutil.virtual_memory().total},
         "server": server_view(spec.server) if spec else None,
         "spec_error": store.spec_error,
         "plan_errors": store.plan_errors,
@@ -135,7 +180,7 @@ def create_app(
         return guarded
 
     async def status(request: Request) -> Response:
-        return JSONResponse(status_json(store, get_spec(), backends))
+        return JSONResponse(status_json(store, get_spec(), backends, inflight))
 
     async def gpus(request: Request) -> Response:
         return JSONResponse(store.gpu)

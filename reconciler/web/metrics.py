@@ -36,6 +36,22 @@ LOAD_SECONDS = Histogram(
     buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
     registry=REGISTRY,
 )
+LOADS = Counter(
+    "xgen_model_loads_total", "Loads started, by cause (spec, demand)", ["model", "cause"], registry=REGISTRY
+)
+UNLOADS = Counter(
+    "xgen_model_unloads_total",
+    "Unloads started, by cause (spec, idle: idle_unload_s, evict: room for another model)",
+    ["model", "cause"],
+    registry=REGISTRY,
+)
+SWAP_SECONDS = Histogram(
+    "xgen_model_swap_seconds",
+    "On-demand loads: from the first waiting request's arrival to the backend being ready",
+    ["model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+    registry=REGISTRY,
+)
 REQUESTS = Counter(
     "xgen_proxy_requests_total", "/v1 requests by model and status", ["model", "status"], registry=REGISTRY
 )
@@ -56,6 +72,10 @@ def observe_event(kind: str, data: dict[str, object]) -> None:
     """Update counters from a store event (called for every published event)."""
     if kind == "pass_error":
         PASS_ERRORS.inc()
+    if kind == "load":
+        LOADS.labels(str(data["model"]), str(data["cause"])).inc()
+    if kind == "unload":
+        UNLOADS.labels(str(data["model"]), str(data["cause"])).inc()
     if kind == "replaced":
         REPLACEMENTS.labels(str(data["model"]), str(data["strategy"]), "ok" if data["ok"] else "failed").inc()
     if kind != "state":
@@ -63,6 +83,9 @@ def observe_event(kind: str, data: dict[str, object]) -> None:
     model, to = str(data["model"]), str(data["to"])
     TRANSITIONS.labels(model, to).inc()
     info = data.get("info")
+    swap = data.get("swap_s")
+    if isinstance(swap, float | int):
+        SWAP_SECONDS.labels(model).observe(swap)
     if to == ModelState.LOADED.value and isinstance(info, dict) and data.get("from") == ModelState.LOADING.value:
         started = info.get("started_at")
         since = info.get("since")

@@ -95,7 +95,7 @@ def route(
         if spec.server.unknown_model == "reject":
             return unknown_model(spec, requested)
     if endpoint == "embeddings":
-        embedders = [n for n, m in spec.loaded.items() if m.server_type == "embedding"]
+        embedders = [n for n, m in spec.served.items() if m.server_type == "embedding"]
         if len(embedders) == 1:
             return Route(embedders[0], embedders[0])
         running = [n for n in embedders if n in loaded and loaded[n].state is ModelState.LOADED]
@@ -179,18 +179,26 @@ class Proxy:
             return denied
         spec: Spec | None = self.get_spec()
         data = []
-        for name, info in self.store.models.items():
-            if info.state is not ModelState.LOADED or spec is None or name not in spec.models:
-                continue
-            for served in (name, *spec.models[name].aliases, *(a.name for a in spec.models[name].lora)):
+        for name, model in spec.served.items() if spec else ():
+            info = self.store.models.get(name)
+            serving = info is not None and info.state is ModelState.LOADED
+            if not serving and model.desired != "on_demand":
+                continue  # a pinned model that does not serve now is not offered
+            meta = {
+                "backend": info.backend if info else None,  # chosen when it loads
+                "server_type": model.server_type,
+                "desired": model.desired,
+                "resident": serving,  # an on-demand model that is not is loaded by the first request
+            }
+            for served in (name, *model.aliases, *(a.name for a in model.lora)):
                 data.append(
                     {
                         "id": served,
                         "object": "model",
-                        "created": int(info.started_at or 0),
+                        "created": int(info.started_at or 0) if info else 0,
                         "owned_by": "xgen",
                         "root": name,
-                        "meta": {"backend": info.backend, "server_type": info.spec.server_type},
+                        "meta": meta,
                     }
                 )
         return JSONResponse({"object": "list", "data": data})
@@ -255,7 +263,9 @@ class Proxy:
                 "model_not_embedding",
             )
         info = self.store.models.get(name)
-        if (info is None or info.state is not ModelState.LOADED) and name in spec.loaded:
+        if (info is None or info.state is not ModelState.LOADED) and name in spec.on_demand:
+            info = await self._demand(name, spec)
+        elif (info is None or info.state is not ModelState.LOADED) and name in spec.loaded:
             # loading, or between the stop and the start of a reload: hold the request
             info = await self.store.wait_for(name, spec.server.load_wait_s, WAIT_WHILE)
         if info is None or info.state is not ModelState.LOADED or info.port is None:
@@ -273,6 +283,19 @@ class Proxy:
             payload["model"] = decision.upstream_model
             body = json.dumps(payload).encode()
         return await self._send(request, info, endpoint, body, t0)
+
+    async def _demand(self, name: str, spec: Spec) -> ModelInfo | None:
+        """An on-demand model that is not serving: ask the daemon for it and wait for its load
+        (one load, shared by every request that waits), until it serves, fails, is refused for
+        lack of room, or load_wait_s passes."""
+        record = self.store.demand_of(name)
+        self.store.want(name)
+        try:
+            return await self.store.wait_for(
+                name, spec.server.load_wait_s, WAIT_WHILE, until=lambda: record.refused is not None
+            )
+        finally:
+            self.store.unwant(name)
 
     async def upstream(self, request: Request) -> Response:
         """`/upstream/<model>/<path>`: the model's own server, raw (its /props, /slots, /metrics).
@@ -302,7 +325,12 @@ class Proxy:
         return await self._send(request, info, "upstream", body, t0, upstream="/" + request.path_params["path"])
 
     def _unavailable(self, name: str, info: ModelInfo | None, spec: Spec) -> Response:
-        if info is None:
+        refused = self.store.demand_of(name).refused if name in spec.on_demand else None
+        if refused is not None:
+            why = refused
+        elif info is None and name in spec.on_demand:
+            why = f"model '{name}' (on demand) did not load within load_wait_s ({spec.server.load_wait_s:.0f} s)"
+        elif info is None:
             why = (
                 f"model '{name}' is not loaded (desired: unloaded)"
                 if name not in spec.loaded
@@ -330,6 +358,7 @@ class Proxy:
         """Send to the model's process (at the request's own path, or `upstream` with the
         request's method and query) and pass the answer through, streamed when it streams."""
         name, port, pid = info.name, info.port or 0, info.pid
+        self.store.touch(name)
         path = upstream if upstream is not None else request.url.path
         method = request.method if upstream is not None else "POST"
         params = request.query_params if upstream is not None else None
@@ -394,6 +423,9 @@ class Proxy:
             metrics.count_stream_tokens(name, usage)
 
     def _done(self, name: str, port: int, status: str, t0: float) -> None:
+        self.store.touch(name)
+        if self.store.waiting:  # a request waits for room this one may have made
+            self.store.wake()
         self.inflight[port] -= 1
         metrics.INFLIGHT.labels(name).dec()
         metrics.REQUESTS.labels(name, status).inc()
