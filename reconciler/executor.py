@@ -143,9 +143,7 @@ class Executor:
                 self._update_failed(name, spec, failure, "the old process kept serving")
                 return False
             if old is not None:
-                waited = await self._drain(old_port)
-                log.info("%s: the old process drained in %.2f s", name, waited)
-                self.store.publish("drained", {"model": name, "port": old_port, "waited_s": round(waited, 3)})
+                await self._drain(name, old_port)
                 await self.supervisor.stop_child(name, old)
             return True
         previous = (info.spec, info.backend) if info is not None and info.state is ModelState.LOADED else None
@@ -183,15 +181,19 @@ class Executor:
         info = self.store.models.get(name)
         if info is not None and info.state is ModelState.LOADED:
             self.store.transition(name, ModelState.UNLOADING, why)
-            await self._drain(info.port)
+            await self._drain(name, info.port)
         await self.supervisor.stop(name, why)
 
-    async def _drain(self, port: int | None) -> float:
-        """Let /v1 requests already sent to `port` finish (bounded by drain_s); seconds waited."""
+    async def _drain(self, name: str, port: int | None) -> None:
+        """Let /v1 requests already sent to `port` finish (bounded by drain_s). The `drained` event
+        has the proxy close its idle connections there: llama-server waits for open keep-alive
+        connections when it stops (measured: 122 ms with one open, 14 ms without)."""
         t0 = time.monotonic()
         while port is not None and self.inflight.get(port, 0) > 0 and time.monotonic() - t0 < self.drain_s:
-            await asyncio.sleep(0.02)
-        return time.monotonic() - t0
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - t0
+        log.info("%s: drained in %.2f s", name, waited)
+        self.store.publish("drained", {"model": name, "port": port, "waited_s": round(waited, 3)})
 
     async def _adapter(self, action: Action) -> bool:
         """Load or unload a LoRA adapter in a running vLLM (VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""

@@ -133,6 +133,18 @@ class Proxy:
         self.inflight = inflight  # per backend port: a drain waits for its own process's requests
         self.clients: dict[int, tuple[int | None, aiohttp.ClientSession]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        store.listeners.append(self._on_event)
+
+    def _on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "drained" and isinstance(data.get("port"), int):
+            self._close(data["port"])  # nothing is in flight there: let its process stop at once
+
+    def _close(self, port: int) -> None:
+        held = self.clients.pop(port, None)
+        if held is not None and not held[1].closed:
+            closing = asyncio.get_running_loop().create_task(held[1].close())
+            self._closing.add(closing)  # held until done: a task nobody references may vanish
+            closing.add_done_callback(self._closing.discard)
 
     def client(self, port: int, pid: int | None) -> aiohttp.ClientSession:
         """One keep-alive pool per backend process, sized for many concurrent streams. Keyed by
@@ -140,10 +152,7 @@ class Proxy:
         held = self.clients.get(port)
         if held is not None and held[0] == pid and not held[1].closed:
             return held[1]
-        if held is not None:
-            closing = asyncio.get_running_loop().create_task(held[1].close())
-            self._closing.add(closing)  # held until done: a task nobody references may vanish
-            closing.add_done_callback(self._closing.discard)
+        self._close(port)
         client = aiohttp.ClientSession(
             base_url=f"http://127.0.0.1:{port}",
             connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60),
