@@ -78,6 +78,10 @@ class Daemon:
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def save(self, data: bytes) -> None:
         """Replace models.yaml atomically with exactly these bytes."""
         tmp = self.file.with_name(".models.yaml.tmp")

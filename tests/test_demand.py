@@ -12,7 +12,9 @@ GIB = 2**30
 NOW = 1_000_000.0
 
 
-def cand(name: str, need: int | None = GIB, *, resident: bool = False, device: str = "cpu", **usage: float) -> Candidate:
+def cand(
+    name: str, need: int | None = GIB, *, resident: bool = False, device: str = "cpu", **usage: float
+) -> Candidate:
     idle = usage.pop("idle_unload_s", None)
     return Candidate(name, (device,), need, resident, Usage(**usage), idle)  # type: ignore[arg-type]
 

@@ -1,0 +1,111 @@
+"""On-demand models with the real daemon and llama-server: loaded by requests (one load however
+many wait), evicted by recency when the budget is full, unloaded when idle, pinned models never
+touched, and failures and impossible files answered with reasons."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any
+
+import httpx
+from conftest import Daemon
+from lifetimes import alive_at_most
+
+HEADER = "server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], stop_grace_s: 5, max_loaded: 3{EXTRA}}}\n"
+MODELS = """\
+defaults: {{n_ctx: 256, llama: {{threads: 1}}}}
+models:
+  pinned: {{path: {MODEL}}}
+  a: {{path: {MODEL}, desired: on_demand{IDLE}}}
+  b: {{path: {MODEL}, desired: on_demand}}
+  c: {{path: {MODEL}, desired: on_demand}}
+active: pinned
+"""
+
+
+def spec(extra: str = "", idle: str = "") -> str:
+    return (HEADER + MODELS).replace("{EXTRA}", extra).replace("{IDLE}", idle)
+
+
+def ask(url: str, model: str, timeout: float = 60) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
+
+
+def on_demand(status: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(m for m in status["on_demand_models"] if m["name"] == name)
+
+
+def test_concurrent_requests_share_one_load(daemon: Daemon) -> None:
+    status = daemon.launch(spec(), header=False)
+    assert [m["name"] for m in status["loaded_models"]] == ["pinned"]  # on-demand models wait
+    assert {m["name"]: m["residency"] for m in status["on_demand_models"]} == {
+        "a": "standby", "b": "standby", "c": "standby"}
+    listed = {m["id"]: m["meta"]["resident"] for m in daemon.http.get("/v1/models").json()["data"]}
+    assert listed == {"pinned": True, "a": False, "b": False, "c": False}  # clients can pick them
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: ask(daemon.url, "a"), range(8)))
+    assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+    loads = [e["data"] for e in daemon.events() if e["kind"] == "load" and e["data"]["model"] == "a"]
+    assert len(loads) == 1 and loads[0]["cause"] == "demand"
+    a = on_demand(daemon.status(), "a")
+    assert (a["residency"], a["loaded_because"], a["waiting"]) == ("resident", "demand", 0)
+    assert a["swap_s"] >= a["load_s"] > 0
+    metrics = daemon.http.get("/metrics").text
+    assert 'xgen_model_loads_total{cause="demand",model="a"} 1.0' in metrics
+    assert 'xgen_model_swap_seconds_count{model="a"} 1.0' in metrics
+
+
+def test_eviction_by_recency_never_touches_pinned_models(daemon: Daemon) -> None:
+    daemon.launch(spec(), header=False)
+    pinned = daemon.model("pinned")["pid"]  # type: ignore[index]
+    for name in ("a", "b", "a", "c", "b"):  # room for two beside the pinned one (max_loaded 3)
+        response = ask(daemon.url, name)
+        assert response.status_code == 200, response.text
+    events = daemon.events()
+    unloads = [(e["data"]["model"], e["data"]["cause"], e["data"]["reason"]) for e in events if e["kind"] == "unload"]
+    assert [(m, c) for m, c, _ in unloads] == [("b", "evict"), ("a", "evict")]  # least recently used each time
+    assert unloads[0][2].startswith("evicted for c (idle")
+    # never over max_loaded, never two processes of one model
+    assert alive_at_most((e["kind"], e["data"]) for e in events) == (3, 1)
+    assert daemon.model("pinned")["pid"] == pinned  # type: ignore[index]
+    status = daemon.status()
+    assert on_demand(status, "a")["unloaded_because"].startswith("evicted for b")
+    assert status["status"] == "converged"
+    plan = status["last_plan"]
+    assert {o["model"]: o["status"] for o in plan["on_demand"]} == {"a": "standby", "b": "resident", "c": "resident"}
+
+
+def test_an_idle_model_is_unloaded_and_comes_back_on_the_next_request(daemon: Daemon) -> None:
+    daemon.launch(spec(idle=", idle_unload_s: 1"), header=False)
+    assert ask(daemon.url, "a").status_code == 200
+    status = daemon.until(lambda s: on_demand(s, "a")["residency"] == "standby", 15, "the idle unload")
+    assert on_demand(status, "a")["unloaded_because"].startswith("idle for 1 s (idle_unload_s 1)")
+    assert 'xgen_model_unloads_total{cause="idle",model="a"} 1.0' in daemon.http.get("/metrics").text
+    assert ask(daemon.url, "a").status_code == 200  # loaded again by demand
+    assert [m["name"] for m in daemon.status()["loaded_models"] if m["state"] == "LOADED"].count("a") == 1
+
+
+def test_requests_get_a_failed_load_at_once_and_other_models_keep_serving(daemon: Daemon) -> None:
+    broken = spec().replace("  c: {{path: {MODEL}, desired: on_demand}}",
+                            "  c: {{path: {MODEL}, desired: on_demand, extra_args: [--no-such-flag]}}")
+    daemon.launch(broken, header=False)
+    t0 = time.monotonic()
+    response = ask(daemon.url, "c")
+    assert response.status_code == 503 and time.monotonic() - t0 < 20  # not load_wait_s of silence
+    assert "model 'c' failed" in response.json()["error"]["message"]
+    assert response.headers["retry-after"]
+    assert ask(daemon.url, "a").status_code == 200 and ask(daemon.url, "pinned").status_code == 200
+
+
+def test_a_file_whose_on_demand_model_can_never_fit_is_refused_and_the_old_one_serves(daemon: Daemon) -> None:
+    daemon.launch(spec(), header=False)
+    assert ask(daemon.url, "a").status_code == 200
+    # the budget holds the pinned model but not one on-demand model beside it
+    status = daemon.status()
+    pinned = status["last_plan"]["budgets"][0]["pinned"]["pinned"]
+    daemon.write(spec(extra=f", budgets: {{{{cpu: {pinned + 1000}}}}}"), header=False)
+    status = daemon.until(lambda s: s["status"] == "plan_refused", 15, "the refusal")
+    assert any("on demand it needs" in e and "it could never be loaded" in e for e in status["plan_errors"])
+    assert ask(daemon.url, "a").status_code == 200 and ask(daemon.url, "pinned").status_code == 200
