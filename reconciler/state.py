@@ -72,10 +72,11 @@ class ModelInfo:
     restarts: int = 0
     failures: int = 0  # consecutive failures of this launch description
     retry_at: float | None = None
-    estimated_bytes: int | None = None
-    measured_bytes: int | None = None
+    estimated: dict[str, int] | None = None  # bytes per device (gpu0 …, cpu), before it runs
+    measured: dict[str, int] | None = None  # bytes per device: NVML for GPUs, the process tree's RSS for RAM
     since: float = 0.0
     failed_update: FailedUpdate | None = None  # the last replacement failed; the old version serves
+    progress: float = 0.0  # how far a load is (0-1), from the backend's own output
 
     @property
     def endpoint(self) -> str | None:
@@ -111,10 +112,16 @@ class ModelInfo:
             "crash_looping": self.crash_looping,
             "retry_at": self.retry_at,
             "error_message": self.error_message,
+            "progress": self.progress if self.state is ModelState.LOADING else None,
             "log_tail": list(self.log_tail),
             "gpu_index": list(self.spec.gpus),
             "config": {"n_ctx": self.spec.n_ctx, "n_gpu_layers": self.spec.n_gpu_layers, "device": self.device},
-            "memory": {"estimated_bytes": self.estimated_bytes, "measured_bytes": self.measured_bytes},
+            "memory": {
+                "estimated": self.estimated,
+                "measured": self.measured,
+                "estimated_bytes": sum(self.estimated.values()) if self.estimated else None,
+                "measured_bytes": sum(self.measured.values()) if self.measured else None,
+            },
             "update": {
                 "target": self.failed_update.target.model_dump(mode="json") if self.failed_update else None,
                 "error": self.failed_update.error if self.failed_update else None,

@@ -107,6 +107,7 @@ class Child:
     port: int
     launch_hash: str
     pidfile: Path | None = None
+    log_from: int = 0  # where this process's output starts in the model's log
     stopping: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -186,6 +187,7 @@ class Supervisor:
                 backend=backend,
                 error_message=None,
                 log_tail=(),
+                progress=0.0,
                 pid=None,
                 restarts=restarts,
                 retry_at=None,
@@ -277,6 +279,7 @@ class Supervisor:
             return str(exc)
         extra = driver.environment(model)
         logfile = self._open_log(name)
+        log_from = logfile.tell()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -293,14 +296,18 @@ class Supervisor:
         finally:
             logfile.close()
         self.last_port[name] = port
-        return Child(proc, argv, time.time(), port, launch_hash(argv, extra), self._write_pidfile(name, proc.pid, argv))
+        pidfile = self._write_pidfile(name, proc.pid, argv)
+        return Child(proc, argv, time.time(), port, launch_hash(argv, extra), pidfile, log_from)
 
     async def _ready(self, key: str, child: Child, backend: str, model: ModelSpec) -> str | None:
         """Wait for readiness: None when ready, else why not (the process is stopped then, and
         also when the wait is cancelled)."""
         driver = self.drivers[backend]
         try:
-            ok, why = await self._wait_ready(child, driver.health_url(child.port), ready_timeout(driver, model))
+            watch = LoadProgress(self.state_dir / "logs" / f"{key.split('+')[0]}.log", child.log_from, driver.progress)
+            ok, why = await self._wait_ready(
+                key, child, driver.health_url(child.port), ready_timeout(driver, model), watch
+            )
         except asyncio.CancelledError:
             await asyncio.shield(self._kill(key, child))
             self.ports.release(key)
@@ -311,10 +318,19 @@ class Supervisor:
             return why
         return None
 
-    async def _wait_ready(self, child: Child, url: str, timeout: float) -> tuple[bool, str]:
+    async def _wait_ready(
+        self, key: str, child: Child, url: str, timeout: float, watch: LoadProgress
+    ) -> tuple[bool, str]:
         t0 = time.monotonic()
         deadline = t0 + timeout
+        expected = self.store.demand_of(key).load_s  # the last load of this model, if any
+        shown = 0.0
         while time.monotonic() < deadline:
+            progress = watch.read(time.monotonic() - t0, expected)
+            if progress >= shown + 0.05 and key in self.store.models:  # a replacement's is not the model's
+                shown = progress
+                self.store.update(key, progress=progress)
+                self.store.publish("progress", {"model": key, "progress": progress})
             if child.proc.returncode is not None:
                 return False, f"{exit_reason(child.proc.returncode)} while loading"
             with contextlib.suppress(httpx.HTTPError):
@@ -454,6 +470,36 @@ async def terminate_group(
         await asyncio.sleep(0.01)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+class LoadProgress:
+    """How far a loading process is, from what it wrote to its log since it started (the
+    driver knows its markers) and, for a model loaded before, the time its last load took."""
+
+    def __init__(self, path: Path, offset: int, marker: Callable[[str], float | None]) -> None:
+        self.path = path
+        self.offset = offset
+        self.marker = marker
+        self.value = 0.0
+        self._partial = b""
+        self._read_at = -1.0
+
+    def read(self, elapsed: float, expected_s: float | None) -> float:
+        if elapsed - self._read_at < 0.1:  # ten reads a second are plenty
+            return round(self.value, 2)
+        self._read_at = elapsed
+        with contextlib.suppress(OSError), self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read(256 * 1024)
+            self.offset += len(data)
+            *lines, self._partial = (self._partial + data).replace(b"\r", b"\n").split(b"\n")
+            for line in lines:
+                found = self.marker(line.decode(errors="replace"))
+                if found is not None:
+                    self.value = max(self.value, found)
+        if expected_s:  # smooth between markers: never past 0.95 on time alone
+            self.value = max(self.value, min(0.95, elapsed / expected_s))
+        return round(self.value, 2)
 
 
 def _group_alive(pgid: int) -> bool:

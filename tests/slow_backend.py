@@ -11,7 +11,9 @@ SCRIPT = '''#!{python}
 import http.server, json, sys, time
 port = int(sys.argv[sys.argv.index("--port") + 1])
 name = sys.argv[sys.argv.index("--served-model-name") + 1]
-time.sleep({delay})
+for done in range(1, 5):  # vLLM's own progress lines, as a real load writes them
+    time.sleep({delay} / 4)
+    print(f"Loading safetensors checkpoint shards: {{done * 25}}% Completed | {{done}}/4", flush=True)
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):

@@ -76,3 +76,33 @@ def test_transformers_argv_runs_xgens_own_server() -> None:
                         "--server-type", "embedding", "--max-len", "512", "--dtype", "bfloat16"]
     assert driver.environment(model)["CUDA_VISIBLE_DEVICES"] == "0"
     assert driver.environment(model)["HF_HUB_OFFLINE"] == "1"
+
+
+def test_load_progress_from_each_backends_own_output(tmp_path: Path) -> None:
+    from reconciler.drivers.llama_server import LlamaServerDriver
+    from reconciler.drivers.transformers import TransformersDriver
+    from reconciler.drivers.vllm import VllmDriver
+    from reconciler.supervisor import LoadProgress
+
+    llama, vllm, hf = LlamaServerDriver(), VllmDriver(), TransformersDriver()
+    assert llama.progress("0.00.005.477 I srv    load_model: loading model '/m.gguf'") == 0.05
+    assert llama.progress("0.00.240.877 I srv    load_model: initializing, n_slots = 4") == 0.8
+    assert llama.progress("0.00.243.074 I srv  llama_server: model loaded") == 0.95
+    assert llama.progress("slot print_timing: id 3") is None
+    assert vllm.progress("Loading safetensors checkpoint shards:  50% Completed | 1/2 [00:01<00:01]") == 0.35
+    assert vllm.progress("INFO: Application startup complete.") == 0.99
+    assert hf.progress("xgen-load-progress 0.30 tokenizer loaded") == 0.3
+    assert hf.progress("xgen-load-progress oops") is None
+    # the log of a load in progress: only what this process wrote counts, tqdm's \r lines too
+    log = tmp_path / "m.log"
+    log.write_bytes(b"Loading safetensors checkpoint shards: 100% Completed | 2/2\n")  # an earlier run
+    watch = LoadProgress(log, log.stat().st_size, vllm.progress)
+    assert watch.read(0.0, None) == 0.0
+    with log.open("ab") as f:
+        f.write(b"Loading safetensors checkpoint shards:   0% Completed\rLoading safetensors checkpoint shards: ")
+    assert watch.read(0.2, None) == 0.1  # the half-written line waits for its end
+    with log.open("ab") as f:
+        f.write(b" 50% Completed | 1/2\r")
+    assert watch.read(0.4, None) == 0.35
+    assert watch.read(9.0, 10.0) == 0.9  # time since the start against the last load's 10 s
+    assert watch.read(50.0, 10.0) == 0.95  # time alone never claims it is done

@@ -28,6 +28,10 @@ class Driver(Protocol):
 
     def health_url(self, port: int) -> str: ...
 
+    def progress(self, line: str) -> float | None:
+        """How far a load is (0-1) when the backend writes `line` to its log, if the line says."""
+        ...
+
     def availability(self) -> Availability: ...
 
 

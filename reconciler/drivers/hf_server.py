@@ -22,6 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def stage(progress: float, what: str) -> None:
+    """A load milestone in the log, for xgen's progress (the driver parses these lines)."""
+    print(f"xgen-load-progress {progress:.2f} {what}", flush=True)
+
+
 def build_app(model_dir: str, name: str, server_type: str, max_len: int, dtype: str) -> Any:
     import torch
     from starlette.applications import Starlette
@@ -34,9 +39,14 @@ def build_app(model_dir: str, name: str, server_type: str, max_len: int, dtype: 
         dtype
     ]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    stage(0.2, "libraries imported")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    stage(0.3, "tokenizer loaded")
     loader: Any = AutoModel if server_type == "embedding" else AutoModelForCausalLM
-    model = loader.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype).to(device).eval()
+    model = loader.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype)
+    stage(0.8, "weights loaded")
+    model = model.to(device).eval()
+    stage(0.9, f"on {device}")
     lock = threading.Lock()  # one generation at a time: a reference server, not a batching engine
 
     def error(status: int, message: str) -> Response:

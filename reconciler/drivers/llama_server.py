@@ -11,6 +11,19 @@ from reconciler.drivers.base import Availability, gpu_environment
 from reconciler.install import cached_llama_server
 from reconciler.spec import ModelSpec
 
+_LLAMA_STAGES = (  # markers of llama-server's load (default verbosity), and how far each is
+    ("listening on", 0.99),
+    ("model loaded", 0.95),
+    ("warming up", 0.85),
+    ("load_model: initializing", 0.8),
+    ("llama_kv_cache", 0.75),
+    ("llama_context", 0.7),
+    ("threadpool init", 0.6),
+    ("offloaded", 0.6),
+    ("load_tensors", 0.3),
+    ("loading model", 0.05),
+)
+
 
 def find_binary() -> Path | None:
     """`XGEN_LLAMA_SERVER`, else `llama-server` on PATH, else the one `xgen install` built."""
@@ -79,6 +92,11 @@ class LlamaServerDriver:
 
     def environment(self, model: ModelSpec) -> dict[str, str]:
         return gpu_environment(model)
+
+    def progress(self, line: str) -> float | None:
+        """llama-server's load messages: the model file opened, tensors placed, the context
+        (KV cache) made, the HTTP server up."""
+        return next((p for marker, p in _LLAMA_STAGES if marker in line), None)
 
     def health_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}/health"

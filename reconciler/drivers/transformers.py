@@ -7,6 +7,7 @@ route; our server loads a local directory offline and meets the same contract as
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -46,6 +47,13 @@ class TransformersDriver:
 
     def environment(self, model: ModelSpec) -> dict[str, str]:
         return {**gpu_environment(model), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def progress(self, line: str) -> float | None:
+        """hf_server.py's own milestones: `xgen-load-progress 0.30 tokenizer loaded`."""
+        if line.startswith("xgen-load-progress "):
+            with contextlib.suppress(ValueError, IndexError):
+                return float(line.split()[1])
+        return None
 
     def health_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}/health"

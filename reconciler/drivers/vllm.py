@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 from reconciler.drivers.base import Availability, gpu_environment
 from reconciler.spec import ModelSpec
+
+_SHARDS = re.compile(r"Loading safetensors checkpoint shards:\s*(\d+)%")
+_VLLM_STAGES = (  # markers of vLLM's start, in order, and how far each is
+    ("Application startup complete", 0.99),
+    ("Starting vLLM API server", 0.95),
+    ("init engine", 0.92),
+    ("Graph capturing finished", 0.9),
+    ("Capturing CUDA graph", 0.8),
+    ("KV cache", 0.75),
+    ("Memory profiling", 0.7),
+    ("Model loading took", 0.62),
+    ("Loading weights took", 0.6),
+    ("Starting to load model", 0.1),
+    ("Initializing", 0.05),
+)
 
 
 class VllmDriver:
@@ -53,6 +69,14 @@ class VllmDriver:
         if model.lora:
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         return env
+
+    def progress(self, line: str) -> float | None:
+        """vLLM's engine start: weights by shard percentage (0.1-0.6), then profiling, KV cache,
+        graph capture, the API server."""
+        shards = _SHARDS.search(line)
+        if shards:
+            return 0.1 + 0.5 * int(shards.group(1)) / 100
+        return next((p for marker, p in _VLLM_STAGES if marker in line), None)
 
     def health_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}/health"
