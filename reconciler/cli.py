@@ -74,23 +74,28 @@ def _daemon_status(url: str) -> dict[str, Any] | None:
         return None
 
 
-def _observed(spec: specmod.Spec, url: str | None) -> tuple[Observed, str | None]:
+def _observed(spec: specmod.Spec, url: str | None, file: str) -> tuple[Observed, str | None]:
     """The daemon's observed state if one answers at `url` (and a description of it), else this
-    host with nothing running (and None); with estimates for the spec's GPU models either way, so
-    the preview refuses what will not fit."""
-    from reconciler import memory
+    host with nothing running (and None); with estimates for the spec's models either way (the
+    memory measured by the daemon of this file included), so the preview refuses what will not fit."""
+    import psutil
 
+    from reconciler import memory
+    from reconciler.statedir import state_dir_for
+
+    measured = memory.MeasuredMemory(state_dir_for(Path(file), spec.server.state_dir, None) / "memory.json")
     status = _daemon_status(url) if url else None
     if status is not None:
         observed = Observed.from_status(status, time.time())
-        estimates = {**observed.estimates, **memory.spec_estimates(spec, observed.gpus)}
+        estimates = {**observed.estimates, **memory.spec_estimates(spec, observed.gpus, measured)}
         return replace(observed, estimates=estimates), f"compared with the xgen daemon at {url}"
     from reconciler.gpu import GpuMonitor
 
     monitor = GpuMonitor()
     gpus = monitor.sample().gpus
-    observed = Observed({}, None, gpus, monitor.detector, memory.spec_estimates(spec, gpus), None, os.cpu_count() or 1)
-    return observed, None
+    fresh = memory.spec_estimates(spec, gpus, measured)
+    total = psutil.virtual_memory().total
+    return Observed({}, None, gpus, monitor.detector, fresh, None, os.cpu_count() or 1, total), None
 
 
 # ---------------------------------------------------------------- commands
@@ -106,7 +111,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             status = 1
             continue
         if not args.no_host_checks:
-            observed, _ = _observed(spec, None)  # this host with nothing running: what a fresh daemon sees
+            observed, _ = _observed(spec, None, path)  # this host with nothing running: what a fresh daemon sees
             p = plan(spec, observed)
             for error in p.errors:
                 print(f"{path}: {error}", file=sys.stderr)
@@ -125,7 +130,7 @@ def _make_plan(file: str, daemon: str | None, as_json: bool = False) -> tuple[sp
     if spec is None:
         return None
     url = _daemon_url(file, spec, daemon)
-    observed, against = _observed(spec, url)
+    observed, against = _observed(spec, url, file)
     if against is None:
         against = f"NO xgen daemon answers at {url}: compared with nothing running"
         print(

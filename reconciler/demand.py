@@ -51,7 +51,7 @@ class Candidate:
 
     name: str
     devices: tuple[str, ...]  # "cpu", or "gpu0", "gpu1" …
-    need: int | None  # bytes on each of its devices; None: no estimate (only max_loaded holds it back)
+    need: Mapping[str, int] | None  # bytes per device; None: no estimate (only max_loaded holds it back)
     resident: bool  # a process of it exists now (loading, loaded or failed)
     usage: Usage = Usage()
     idle_unload_s: float | None = None
@@ -158,17 +158,18 @@ def _shortfall(
         short["slots"] = pinned_count + len(keep) + 1 - max_loaded
     for device in want.devices:
         room = rooms.get(device)
-        if room is None or want.need is None:
+        need = (want.need or {}).get(device)
+        if room is None or need is None:
             continue
-        used = room.held + sum(by_name[n].need or 0 for n in keep if device in by_name[n].devices)
-        missing = want.need - (room.budget - used)
+        used = room.held + sum((by_name[n].need or {}).get(device, 0) for n in keep)
+        missing = need - (room.budget - used)
         if missing > 0:
             short[device] = missing
     return short
 
 
 def _helps(victim: Candidate, want: Candidate, short: Mapping[str, int]) -> bool:
-    return "slots" in short or any(d in short and (victim.need or 0) > 0 for d in victim.devices)
+    return "slots" in short or any(d in short and (victim.need or {}).get(d, 0) > 0 for d in victim.devices)
 
 
 def _evict_key(c: Candidate, now: float) -> tuple[bool, float, str]:
@@ -190,11 +191,12 @@ def _refusal(
             parts.append("server.max_loaded models are resident and none of them can be evicted now")
             continue
         room = rooms[device]
+        need = (want.need or {}).get(device, 0)
         others = [n for n in keep if device in by_name[n].devices]
         busy = f"; on-demand {', '.join(others)} cannot go now (requests wait for them)" if others else ""
         pinned = ", ".join(room.pinned) or "none"
         parts.append(
-            f"needs {gib(want.need or 0)} on {device}, {gib((want.need or 0) - missing)} free of a "
+            f"needs {gib(need)} on {device}, {gib(need - missing)} free of a "
             f"{gib(room.budget)} budget; pinned models hold {gib(room.held)} ({pinned}){busy}"
         )
     return f"model '{want.name}' cannot be loaded now: " + "; ".join(parts)

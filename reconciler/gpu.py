@@ -81,13 +81,13 @@ class _Nvml:
             )
         return tuple(out)
 
-    def process_memory(self, pids: Iterable[int]) -> dict[int, int]:
+    def process_memory(self, pids: Iterable[int]) -> dict[int, dict[str, int]]:
         wanted = set(pids)
-        used: dict[int, int] = {}
-        for h in self.handles:
+        used: dict[int, dict[str, int]] = {}
+        for i, h in enumerate(self.handles):
             for proc in self.nvml.nvmlDeviceGetComputeRunningProcesses(h):
                 if proc.pid in wanted and proc.usedGpuMemory is not None:
-                    used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory)
+                    used.setdefault(proc.pid, {})[f"gpu{i}"] = int(proc.usedGpuMemory)
         return used
 
 
@@ -134,7 +134,7 @@ class _Amdsmi:
             )
         return tuple(out)
 
-    def process_memory(self, pids: Iterable[int]) -> dict[int, int]:
+    def process_memory(self, pids: Iterable[int]) -> dict[int, dict[str, int]]:
         return {}
 
 
@@ -181,7 +181,7 @@ class _Torch:
             for i, (name, total) in enumerate(self.devices)
         )
 
-    def process_memory(self, pids: Iterable[int]) -> dict[int, int]:
+    def process_memory(self, pids: Iterable[int]) -> dict[int, dict[str, int]]:
         return {}
 
 
@@ -224,12 +224,12 @@ class GpuMonitor:
             log.warning("GPU sample through %s failed: %s", self.detector, exc)
             return GpuSnapshot(self.detector, ())
 
-    def process_memory(self, pids: Iterable[int]) -> dict[int, int]:
-        """GPU memory used per process id (NVML per-process accounting), where known."""
+    def process_memory(self, pids: Iterable[int]) -> dict[int, dict[str, int]]:
+        """GPU memory used per process id and device (`gpu0` …; NVML per-process accounting), where known."""
         if self._impl is None:
             return {}
         try:
-            result: dict[int, int] = self._impl.process_memory(pids)
+            result: dict[int, dict[str, int]] = self._impl.process_memory(pids)
             return result
         except Exception as exc:
             log.debug("per-process GPU memory unavailable: %s", exc)

@@ -11,13 +11,18 @@ it ends up resident) + the KV cache + the compute buffer + the process itself. v
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from reconciler.plan import choose_backend
+from reconciler.demand import devices_of
+from reconciler.plan import NO_RESTART, choose_backend
 from reconciler.spec import ModelSpec, Spec
 from reconciler.state import GpuInfo
 
@@ -95,17 +100,27 @@ def _read_gguf(path: str, _mtime: int, _size: int) -> GgufFacts:
     )
 
 
-def estimate_gguf(facts: GgufFacts, n_ctx: int, n_gpu_layers: int) -> int:
-    """Bytes on the GPU for llama-server with this context and offload (0 when nothing is offloaded)."""
+def estimate_gguf(facts: GgufFacts, n_ctx: int, n_gpu_layers: int, devices: int = 1) -> list[int]:
+    """Bytes on each GPU for llama-server with this context and offload, split over `devices`
+    GPUs as llama.cpp splits layers: contiguous blocks of the offloaded layers, each GPU with its
+    own KV cache for its layers, compute buffer and CUDA context, the output head (and the
+    logits buffer) on the last one. Zeros when nothing is offloaded."""
     offloaded = facts.n_layers if n_gpu_layers < 0 else min(n_gpu_layers, facts.n_layers)
     if offloaded == 0:
-        return 0
-    weights = sum(facts.layer_bytes[facts.n_layers - offloaded :])
+        return [0] * devices
+    first = facts.n_layers - offloaded
+    bounds = [first + offloaded * i // devices for i in range(devices + 1)]
+    out = []
+    for i in range(devices):
+        layers = range(bounds[i], bounds[i + 1])
+        weights = sum(facts.layer_bytes[j] for j in layers)
+        kv = 2 * len(layers) * n_ctx * facts.n_head_kv * facts.head_dim * 2  # K and V, f16
+        attention = UBATCH * (n_ctx * facts.n_head + 8 * facts.n_embd) * 4
+        out.append(weights + kv + attention + CUDA_CONTEXT_BYTES)
     if n_gpu_layers < 0 or n_gpu_layers > facts.n_layers:
-        weights += facts.output_bytes
-    kv = 2 * offloaded * n_ctx * facts.n_head_kv * facts.head_dim * 2  # K and V, f16
-    compute = UBATCH * facts.n_vocab * 4 + UBATCH * (n_ctx * facts.n_head + 8 * facts.n_embd) * 4
-    return weights + kv + compute + CUDA_CONTEXT_BYTES
+        out[-1] += facts.output_bytes
+    out[-1] += UBATCH * facts.n_vocab * 4  # the logits, where the output head runs
+    return out
 
 
 def estimate_gguf_ram(facts: GgufFacts, n_ctx: int) -> int:
@@ -115,38 +130,94 @@ def estimate_gguf_ram(facts: GgufFacts, n_ctx: int) -> int:
     return facts.file_bytes + kv + compute + PROCESS_BYTES
 
 
-def estimate(model: ModelSpec, backend: str, gpus: tuple[GpuInfo, ...], gguf: GgufFacts | None = None) -> int | None:
-    """Bytes each device of the model's placement needs (each GPU, or RAM for a CPU model), or
-    None when unknown."""
-    if not model.gpus:
-        if backend == "llama-server" and gguf is not None:
-            return estimate_gguf_ram(gguf, model.n_ctx)
-        return None
+def estimate(
+    model: ModelSpec, backend: str, gpus: tuple[GpuInfo, ...], gguf: GgufFacts | None = None
+) -> dict[str, int] | None:
+    """Bytes on each device of the model's placement (`gpu0` …, or `cpu` for RAM), or None
+    when unknown."""
+    devices = devices_of(model.gpus)
     if backend == "llama-server" and gguf is not None:
-        return -(-estimate_gguf(gguf, model.n_ctx, model.n_gpu_layers) // len(model.gpus))
-    if backend == "vllm":
-        totals = [g.memory_total for g in gpus if g.index in model.gpus]
-        return int(max(totals) * model.vllm.gpu_memory_utilization) if totals else None
+        if not model.gpus:
+            return {"cpu": estimate_gguf_ram(gguf, model.n_ctx)}
+        return dict(zip(devices, estimate_gguf(gguf, model.n_ctx, model.n_gpu_layers, len(devices)), strict=True))
+    if backend == "vllm" and model.gpus:
+        totals = {f"gpu{g.index}": g.memory_total for g in gpus if g.index in model.gpus}
+        return (
+            {d: int(totals[d] * model.vllm.gpu_memory_utilization) for d in devices}
+            if len(totals) == len(devices)
+            else None
+        )
     return None
 
 
-def estimates_for(models: Mapping[str, tuple[ModelSpec, str]], gpus: tuple[GpuInfo, ...]) -> dict[str, int]:
-    """Estimates for every placed model (reads GGUF headers; skips files it cannot read)."""
-    out: dict[str, int] = {}
+class MeasuredMemory:
+    """The peak memory each model was measured to use on each device (NVML per GPU, the process
+    tree's RSS for the CPU), kept in the state dir. On a GPU a measurement replaces the formula
+    (plus MARGIN): llama.cpp and vLLM allocate what they need when they load, so what was
+    measured is what the next load takes. In RAM it only raises the formula: pages of a KV
+    cache nobody has filled yet are not resident, so RSS can be less than the worst case."""
+
+    MARGIN = 0.10
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.peaks: dict[str, dict[str, int]] = {}
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                self.peaks = {k: {d: int(b) for d, b in v.items()} for k, v in json.loads(path.read_text()).items()}
+
+    @staticmethod
+    def key(model: ModelSpec, backend: str) -> str:
+        """What determines the memory a launch takes: everything but the fields that do not
+        restart it, and the port."""
+        launch = {k: v for k, v in model.model_dump(mode="json").items() if k not in NO_RESTART and k != "port"}
+        return hashlib.sha256(json.dumps([backend, launch], sort_keys=True).encode()).hexdigest()[:16]
+
+    def record(self, key: str, device: str, used: int) -> None:
+        """A sample; kept (and written) when it is a new peak by more than 1%."""
+        peaks = self.peaks.setdefault(key, {})
+        if used > peaks.get(device, 0) * 1.01:
+            peaks[device] = used
+            if self.path is not None:
+                with contextlib.suppress(OSError):
+                    tmp = self.path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(self.peaks, sort_keys=True))
+                    os.replace(tmp, self.path)
+
+    def adjust(self, key: str, estimate: dict[str, int] | None, devices: tuple[str, ...]) -> dict[str, int] | None:
+        peaks = self.peaks.get(key, {})
+        if not peaks:
+            return estimate
+        out = dict(estimate or {})
+        for device in devices:
+            if device in peaks:
+                learned = int(peaks[device] * (1 + self.MARGIN))
+                out[device] = learned if device != "cpu" else max(out.get(device, 0), learned)
+        return out or None
+
+
+def estimates_for(
+    models: Mapping[str, tuple[ModelSpec, str]], gpus: tuple[GpuInfo, ...], measured: MeasuredMemory | None = None
+) -> dict[str, dict[str, int]]:
+    """Per-device estimates for every placed model (reads GGUF headers; a file it cannot read
+    has no formula, but may still have a measurement)."""
+    out: dict[str, dict[str, int]] = {}
     for name, (model, backend) in models.items():
         facts = None
         if backend == "llama-server" and model.path:
-            try:
+            with contextlib.suppress(Exception):  # a third-party parser on any file
                 facts = read_gguf(model.path)
-            except Exception:  # a third-party parser on any file: an unreadable header means no estimate
-                continue
         value = estimate(model, backend, gpus, facts)
+        if measured is not None:
+            value = measured.adjust(MeasuredMemory.key(model, backend), value, devices_of(model.gpus))
         if value is not None:
             out[name] = value
     return out
 
 
-def spec_estimates(spec: Spec, gpus: tuple[GpuInfo, ...]) -> dict[str, int]:
+def spec_estimates(
+    spec: Spec, gpus: tuple[GpuInfo, ...], measured: MeasuredMemory | None = None
+) -> dict[str, dict[str, int]]:
     """Estimates for the spec's pinned and on-demand models, per device (what plan() checks)."""
     placed = {n: (m, choose_backend(m, gpus)[0]) for n, m in spec.served.items()}
-    return estimates_for(placed, gpus)
+    return estimates_for(placed, gpus, measured)

@@ -59,7 +59,7 @@ class Observed:
     active: str | None = None
     gpus: tuple[GpuInfo, ...] = ()
     detector: str = "cpu"
-    estimates: Mapping[str, int] = field(default_factory=dict)  # bytes per GPU, by model name
+    estimates: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # bytes per device, by model
     server: Mapping[str, Any] | None = None  # the running server settings (server_view), if known
     cpu_count: int = 1  # the host's cores: whether two CPU processes of a model can run at once
     ram_total: int = 0  # the host's RAM (bytes): the CPU budget; 0: unknown, not checked
@@ -92,9 +92,9 @@ class Observed:
             gpus,
             gpu.get("detector", "cpu"),
             {
-                m["name"]: m["memory"]["estimated_bytes"]
+                m["name"]: m["memory"]["estimated"]
                 for m in status.get("loaded_models", [])
-                if m.get("memory", {}).get("estimated_bytes")
+                if m.get("memory", {}).get("estimated")
             },
             status.get("server"),
             int(status.get("cpu_count") or 1),
@@ -424,11 +424,12 @@ def replace_strategy(
                 "core(s)"
             )
         return "surge", "surge"
-    need = observed.estimates.get(name)
-    if need is None:
+    estimate = observed.estimates.get(name)
+    if estimate is None:
         return "recreate", "recreate: no memory estimate to prove that both fit"
     for budget in budgets:
-        if budget["device"] in devices_of(want.gpus):
+        need = estimate.get(budget["device"])
+        if need is not None:
             free = budget["free_bytes"]  # after every planned model, this one too
             if need > free:
                 return "recreate", f"recreate: needs {gib(need)} more on {label(budget['device'])}, {gib(free)} free"
@@ -479,7 +480,7 @@ def _devices(spec: Spec, observed: Observed) -> dict[str, tuple[str, int, int]]:
     """Each device's name, total and budget (a GPU's less what processes xgen does not own hold)."""
     out: dict[str, tuple[str, int, int]] = {}
     for gpu in observed.gpus:
-        ours = sum(observed.estimates.get(n, 0) for n, m in observed.models.items() if gpu.index in m.spec.gpus)
+        ours = sum(observed.estimates.get(n, {}).get(f"gpu{gpu.index}", 0) for n in observed.models)
         others = max(0, (gpu.memory_used or 0) - ours)
         budget = min(budget_of(spec.server, f"gpu{gpu.index}", gpu.memory_total), gpu.memory_total - others)
         out[f"gpu{gpu.index}"] = (gpu.name, gpu.memory_total, budget)
@@ -500,9 +501,9 @@ def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], l
         for index in missing:
             have = ", ".join(f"{g.index} ({g.name})" for g in observed.gpus) or f"none (detector: {observed.detector})"
             errors.append(f"models.{name}.gpu_index: GPU {index} does not exist; GPUs on this host: {have}")
-        if not missing and name in observed.estimates and model.desired == "loaded":
-            for device in devices_of(model.gpus):
-                pinned.setdefault(device, {})[name] = observed.estimates[name]
+        if not missing and model.desired == "loaded":
+            for device, need in observed.estimates.get(name, {}).items():
+                pinned.setdefault(device, {})[name] = need
     rooms = {d: Room(d, budget, pinned.get(d, {})) for d, (_, _, budget) in devices.items()}
     for device, room in rooms.items():
         if room.held > room.budget:
@@ -511,11 +512,10 @@ def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], l
                 f"{_device_name(device, devices)}: the models placed on it need {gib(room.held)} but "
                 f"{gib(room.budget)} is available ({detail}); short by {gib(room.held - room.budget)}"
             )
-    for name, model in spec.on_demand.items():
-        need = observed.estimates.get(name)
-        for device in devices_of(model.gpus):
+    for name in spec.on_demand:
+        for device, need in observed.estimates.get(name, {}).items():
             space = rooms.get(device)
-            if need is not None and space is not None and need > space.budget - space.held:
+            if space is not None and need > space.budget - space.held:
                 errors.append(
                     f"models.{name}: on demand it needs {gib(need)} on {_device_name(device, devices)}, but the "
                     f"budget of {gib(space.budget)} leaves {gib(max(0, space.budget - space.held))} beside the pinned "
@@ -555,11 +555,7 @@ def _budgets(spec: Spec, observed: Observed, rooms: Mapping[str, Room], decision
     for device, room in rooms.items():
         if device not in used:
             continue
-        on_demand = {
-            n: observed.estimates[n]
-            for n in decision.keep
-            if n in observed.estimates and device in devices_of(spec.models[n].gpus)
-        }
+        on_demand = {n: observed.estimates[n][device] for n in decision.keep if device in observed.estimates.get(n, {})}
         name, total, budget = devices[device]
         out.append(
             {

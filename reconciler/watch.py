@@ -32,6 +32,7 @@ from reconciler import last_good, memory
 from reconciler.demand import Usage
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
+from reconciler.memory import MeasuredMemory
 from reconciler.plan import Observed, Plan, plan, server_view
 from reconciler.spec import MAX_SPEC_BYTES, Problem, Spec, SpecError, loads
 from reconciler.state import ModelState
@@ -82,6 +83,7 @@ class Reconciler:
         self.spec: Spec | None = spec  # the last good, settled spec: what routing and plans use
         self._kept = spec.generation if spec else None
         self._settle = Settle()
+        self.measured = MeasuredMemory(state_dir / "memory.json")
         self._due: float | None = None  # monotonic time of a pass asked for ahead (settle, retry)
         self._applied: dict[str, object] | None = None  # the plan the last pass handed out
         self._wake = asyncio.Event()
@@ -163,9 +165,15 @@ class Reconciler:
             on_gpu = {i.pid: name for name, i in self.store.models.items() if i.pid and i.spec.gpus}
             on_cpu = {i.pid: name for name, i in self.store.models.items() if i.pid and not i.spec.gpus}
             used = await asyncio.to_thread(self.gpu.process_memory, list(on_gpu)) if on_gpu and snapshot.gpus else {}
-            used.update(await asyncio.to_thread(tree_rss, list(on_cpu)) if on_cpu else {})
+            rss = await asyncio.to_thread(tree_rss, list(on_cpu)) if on_cpu else {}
+            used.update({pid: {"cpu": b} for pid, b in rss.items()})
             for pid, name in {**on_gpu, **on_cpu}.items():
-                self.store.update(name, measured_bytes=used.get(pid))
+                self.store.update(name, measured=used.get(pid))
+                info = self.store.models.get(name)
+                if info is not None and info.state is ModelState.LOADED:  # what the next plan trusts
+                    key = MeasuredMemory.key(info.spec, info.backend)
+                    for device, value in used.get(pid, {}).items():
+                        self.measured.record(key, device, value)
             self.store.publish("gpu", self.store.gpu)
             await asyncio.sleep(GPU_SAMPLE_S)
 
@@ -176,7 +184,7 @@ class Reconciler:
             self.store.active,
             gpus,
             self.gpu.detector,
-            memory.spec_estimates(spec, gpus),
+            memory.spec_estimates(spec, gpus, self.measured),
             server_view(self.spec.server) if self.spec else None,  # adopted when the file settled
             os.cpu_count() or 1,
             psutil.virtual_memory().total,
@@ -235,7 +243,7 @@ class Reconciler:
         self.store.plan_errors = None
         ok = self._apply(p, shown)
         for name, estimate in observed.estimates.items():  # after apply: new models exist now
-            self.store.update(name, estimated_bytes=estimate)
+            self.store.update(name, estimated=dict(estimate))
         self._reset_failures(spec)
         self.store.last_pass = {
             "generation": spec.generation,

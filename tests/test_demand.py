@@ -16,7 +16,8 @@ def cand(
     name: str, need: int | None = GIB, *, resident: bool = False, device: str = "cpu", **usage: float
 ) -> Candidate:
     idle = usage.pop("idle_unload_s", None)
-    return Candidate(name, (device,), need, resident, Usage(**usage), idle)  # type: ignore[arg-type]
+    needs = {device: need} if need is not None else None
+    return Candidate(name, (device,), needs, resident, Usage(**usage), idle)  # type: ignore[arg-type]
 
 
 def test_a_wanted_model_that_fits_is_loaded() -> None:
@@ -148,12 +149,12 @@ models:
 """
     spec = parse(text)
     h100 = GpuInfo(0, "H100", "nvidia", 80 * GIB, memory_used=0)
-    p = plan(spec, Observed(gpus=(h100,), estimates={"big": 7 * GIB, "extra": 4 * GIB}))
+    p = plan(spec, Observed(gpus=(h100,), estimates={"big": {"gpu0": 7 * GIB}, "extra": {"gpu0": 4 * GIB}}))
     assert p.errors == (
         "models.extra: on demand it needs 4.00 GiB on GPU 0 (H100), but the budget of 10.00 GiB leaves 3.00 GiB "
         "beside the pinned models (big); it could never be loaded",
     )
-    ok = plan(spec, Observed(gpus=(h100,), estimates={"big": 7 * GIB, "extra": 3 * GIB}))
+    ok = plan(spec, Observed(gpus=(h100,), estimates={"big": {"gpu0": 7 * GIB}, "extra": {"gpu0": 3 * GIB}}))
     assert not ok.errors
     [gpu0] = ok.budgets
     assert (gpu0["budget_bytes"], gpu0["pinned"], gpu0["on_demand"]) == (10 * GIB, {"big": 7 * GIB}, {})

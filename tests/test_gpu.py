@@ -74,7 +74,7 @@ def test_pynvml_reports_each_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gpu == GpuInfo(0, "NVIDIA H100 80GB HBM3", "nvidia", H100_TOTAL, 3_839_885_312,
                           H100_TOTAL - 3_839_885_312, 7.0, "GPU-5e1a0c1e-0000-0000-0000-000000000000",
                           "580.159.04", "pynvml")
-    assert monitor.process_memory([4915, 1]) == {4915: 3_519_021_056}
+    assert monitor.process_memory([4915, 1]) == {4915: {"gpu0": 3_519_021_056}}
 
 
 def test_nvml_without_driver_falls_through(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,11 +136,26 @@ def test_default_model_estimate_adds_up(default_model: Path) -> None:
     kv = 2 * 30 * 2048 * 3 * 64 * 2
     compute = 512 * 49152 * 4 + 512 * (2048 * 9 + 8 * 576) * 4
     weights = sum(facts.layer_bytes) + facts.output_bytes
-    assert memory.estimate_gguf(facts, 2048, -1) == weights + kv + compute + memory.CUDA_CONTEXT_BYTES
-    assert memory.estimate_gguf(facts, 2048, 0) == 0
+    [one] = memory.estimate_gguf(facts, 2048, -1)
+    assert one == weights + kv + compute + memory.CUDA_CONTEXT_BYTES
+    assert memory.estimate_gguf(facts, 2048, 0) == [0]
     assert memory.estimate_gguf(facts, 2048, 10) < memory.estimate_gguf(facts, 2048, 30)
     assert memory.estimate_gguf(facts, 2048, 30) < memory.estimate_gguf(facts, 2048, -1)  # + output head
     assert memory.estimate_gguf(facts, 4096, -1) > memory.estimate_gguf(facts, 2048, -1)
+
+
+def test_a_split_model_is_estimated_per_gpu(default_model: Path) -> None:
+    """Layers split in two blocks, each GPU with its own CUDA context, KV cache and compute
+    buffer; the output head and the logits on the last one."""
+    facts = memory.read_gguf(str(default_model))
+    first, last = memory.estimate_gguf(facts, 2048, -1, devices=2)
+    kv_half = 2 * 15 * 2048 * 3 * 64 * 2
+    attention = 512 * (2048 * 9 + 8 * 576) * 4
+    assert first == sum(facts.layer_bytes[:15]) + kv_half + attention + memory.CUDA_CONTEXT_BYTES
+    head = facts.output_bytes + 512 * 49152 * 4
+    assert last == first - sum(facts.layer_bytes[:15]) + sum(facts.layer_bytes[15:]) + head
+    [whole] = memory.estimate_gguf(facts, 2048, -1)
+    assert first + last == whole + memory.CUDA_CONTEXT_BYTES + attention  # per-GPU overheads twice
 
 
 def test_estimates_per_backend(tiny_gguf: Path) -> None:
@@ -149,9 +164,34 @@ def test_estimates_per_backend(tiny_gguf: Path) -> None:
     vllm = ModelSpec(hf_id="org/m", gpu_index=[0, 1], vllm={"gpu_memory_utilization": 0.5})  # type: ignore[arg-type]
     cpu = ModelSpec(path=str(tiny_gguf))
     out = memory.estimates_for({"g": (gguf, "llama-server"), "v": (vllm, "vllm"), "c": (cpu, "llama-server")}, h100)
-    whole = memory.estimate_gguf(memory.read_gguf(str(tiny_gguf)), 4096, -1)
-    ram = memory.estimate_gguf_ram(memory.read_gguf(str(tiny_gguf)), 4096)
-    assert out == {"g": -(-whole // 2), "v": H100_TOTAL // 2, "c": ram}  # a CPU model's is RAM
+    facts = memory.read_gguf(str(tiny_gguf))
+    split = memory.estimate_gguf(facts, 4096, -1, devices=2)
+    ram = memory.estimate_gguf_ram(facts, 4096)
+    assert out == {
+        "g": {"gpu0": split[0], "gpu1": split[1]},
+        "v": {"gpu0": H100_TOTAL // 2, "gpu1": H100_TOTAL // 2},
+        "c": {"cpu": ram},  # a CPU model's is RAM
+    }
+
+
+def test_measured_memory_replaces_the_formula_on_a_gpu_and_is_kept(tmp_path: Path, tiny_gguf: Path) -> None:
+    h100 = (GpuInfo(0, "H100", "nvidia", H100_TOTAL),)
+    gpu = ModelSpec(path=str(tiny_gguf), gpu_index=0, n_gpu_layers=-1)
+    cpu = ModelSpec(path=str(tiny_gguf))
+    models = {"g": (gpu, "llama-server"), "c": (cpu, "llama-server")}
+    formula = memory.estimates_for(models, h100)
+    kept = memory.MeasuredMemory(tmp_path / "memory.json")
+    kept.record(memory.MeasuredMemory.key(gpu, "llama-server"), "gpu0", 2 * 2**30)
+    kept.record(memory.MeasuredMemory.key(cpu, "llama-server"), "cpu", 1)  # RSS below the formula
+    again = memory.MeasuredMemory(tmp_path / "memory.json")  # the next daemon reads what was kept
+    out = memory.estimates_for(models, h100, again)
+    assert out["g"] == {"gpu0": int(2 * 2**30 * 1.1)}  # measured, plus the margin
+    assert out["c"] == formula["c"]  # RAM: a low RSS never lowers the estimate
+    # an alias or idle timeout does not change what a launch takes; n_ctx does
+    assert memory.MeasuredMemory.key(gpu.model_copy(update={"aliases": ["x"]}), "llama-server") == \
+        memory.MeasuredMemory.key(gpu, "llama-server")
+    assert memory.MeasuredMemory.key(gpu.model_copy(update={"n_ctx": 8192}), "llama-server") != \
+        memory.MeasuredMemory.key(gpu, "llama-server")
 
 
 def test_unreadable_gguf_gives_no_estimate_instead_of_a_crash(tmp_path: Path) -> None:

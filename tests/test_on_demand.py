@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from conftest import Daemon
 from lifetimes import alive_at_most
+from slow_backend import write_slow_backend
 
 HEADER = "server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], stop_grace_s: 5, max_loaded: 3{EXTRA}}}\n"
 MODELS = """\
@@ -109,3 +110,23 @@ def test_a_file_whose_on_demand_model_can_never_fit_is_refused_and_the_old_one_s
     status = daemon.until(lambda s: s["status"] == "plan_refused", 15, "the refusal")
     assert any("on demand it needs" in e and "it could never be loaded" in e for e in status["plan_errors"])
     assert ask(daemon.url, "a").status_code == 200 and ask(daemon.url, "pinned").status_code == 200
+
+
+def test_a_waiting_request_sees_the_load_progress(daemon: Daemon) -> None:
+    """A slow load (a stand-in that writes vLLM's shard progress lines) shows its progress in
+    status and events while the request waits, then the request is answered."""
+    script, model = write_slow_backend(daemon.dir / "slow", delay_s=2)
+    slow = f"  slow: {{{{path: {model}, backend: vllm, desired: on_demand, vllm: {{{{python: {script}}}}}}}}}\n"
+    daemon.launch(spec().replace("active: pinned", slow + "active: pinned"), header=False)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(ask, daemon.url, "slow")
+        seen = set()
+        while not answer.done():
+            row = next((m for m in daemon.status()["loaded_models"] if m["name"] == "slow"), None)
+            if row is not None and row["progress"] is not None:
+                seen.add(row["progress"])
+            time.sleep(0.05)
+        assert answer.result().status_code == 200
+    assert len(seen) >= 2 and max(seen) >= 0.35, seen  # it moved while the request waited
+    steps = [e["data"]["progress"] for e in daemon.events() if e["kind"] == "progress" and e["data"]["model"] == "slow"]
+    assert steps == sorted(steps) and steps[-1] >= 0.45, steps  # 25, 50, 75 % of the shards

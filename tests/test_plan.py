@@ -203,7 +203,7 @@ def test_cpu_only_host_names_the_detector() -> None:
 
 def test_memory_that_does_not_fit_is_refused_with_the_shortfall() -> None:
     spec = spec_of(SPEC.replace("    desired: unloaded\n", ""))
-    p = plan(spec, Observed(gpus=(H100,), detector="pynvml", estimates={"big": 90 * 2**30}))
+    p = plan(spec, Observed(gpus=(H100,), detector="pynvml", estimates={"big": {"gpu0": 90 * 2**30}}))
     assert p.errors == (
         "GPU 0 (NVIDIA H100 80GB HBM3): the models placed on it need 90.00 GiB but 79.00 GiB is available "
         "(big 90.00 GiB); short by 11.00 GiB",
@@ -354,7 +354,7 @@ def test_replace_strategy(text: str, state: ModelState, estimate: int | None, us
     want = spec.models[name]
     have = ObservedModel(want.model_copy(update={"n_ctx": 1024}), "llama-server", state)
     gpu = GpuInfo(0, "H100", "nvidia", 80 * 2**30, memory_used=(estimate or 0) + used)
-    observed = Observed({name: have}, name, (gpu,), "pynvml", {name: estimate} if estimate else {}, None, 2)
+    observed = Observed({name: have}, name, (gpu,), "pynvml", {name: {"gpu0": estimate}} if estimate else {}, None, 2)
     [reload] = [a for a in plan(spec, observed).actions if a.kind == "reload"]
     assert (reload.strategy, reload.reason) == (expected[0], f"replace ({expected[1]})")
 
