@@ -62,8 +62,9 @@ class Room:
     """One device's budget: what xgen's models may use on it, and what pinned models hold."""
 
     device: str
-    budget: int
+    budget: int  # usable now: the configured budget, less what other processes take beyond it
     pinned: Mapping[str, int] = field(default_factory=dict)
+    others: int = 0  # what processes xgen does not own hold on the device
 
     @property
     def held(self) -> int:
@@ -195,9 +196,10 @@ def _refusal(
         others = [n for n in keep if device in by_name[n].devices]
         busy = f"; on-demand {', '.join(others)} cannot go now (requests wait for them)" if others else ""
         pinned = ", ".join(room.pinned) or "none"
+        foreign = f"; other processes hold {gib(room.others)}" if room.others else ""
         parts.append(
             f"needs {gib(need)} on {device}, {gib(need - missing)} free of a "
-            f"{gib(room.budget)} budget; pinned models hold {gib(room.held)} ({pinned}){busy}"
+            f"{gib(room.budget)} budget; pinned models hold {gib(room.held)} ({pinned}){foreign}{busy}"
         )
     return f"model '{want.name}' cannot be loaded now: " + "; ".join(parts)
 

@@ -476,16 +476,20 @@ def budget_of(settings: ServerSettings, device: str, total: int) -> int:
     return max(0, total - size_of(settings.memory_reserve, total))
 
 
-def _devices(spec: Spec, observed: Observed) -> dict[str, tuple[str, int, int]]:
-    """Each device's name, total and budget (a GPU's less what processes xgen does not own hold)."""
-    out: dict[str, tuple[str, int, int]] = {}
+def _devices(spec: Spec, observed: Observed) -> dict[str, tuple[str, int, int, int]]:
+    """Each device's name, total, budget, and what processes xgen does not own hold on it now."""
+    out: dict[str, tuple[str, int, int, int]] = {}
     for gpu in observed.gpus:
         ours = sum(observed.estimates.get(n, {}).get(f"gpu{gpu.index}", 0) for n in observed.models)
         others = max(0, (gpu.memory_used or 0) - ours)
-        budget = min(budget_of(spec.server, f"gpu{gpu.index}", gpu.memory_total), gpu.memory_total - others)
-        out[f"gpu{gpu.index}"] = (gpu.name, gpu.memory_total, budget)
+        out[f"gpu{gpu.index}"] = (
+            gpu.name,
+            gpu.memory_total,
+            budget_of(spec.server, f"gpu{gpu.index}", gpu.memory_total),
+            others,
+        )
     if observed.ram_total:
-        out["cpu"] = ("RAM", observed.ram_total, budget_of(spec.server, "cpu", observed.ram_total))
+        out["cpu"] = ("RAM", observed.ram_total, budget_of(spec.server, "cpu", observed.ram_total), 0)
     return out
 
 
@@ -504,7 +508,11 @@ def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], l
         if not missing and model.desired == "loaded":
             for device, need in observed.estimates.get(name, {}).items():
                 pinned.setdefault(device, {})[name] = need
-    rooms = {d: Room(d, budget, pinned.get(d, {})) for d, (_, _, budget) in devices.items()}
+    # what is usable now: the budget, less what other processes hold beyond what it leaves them
+    rooms = {
+        d: Room(d, min(budget, total - others), pinned.get(d, {}), others)
+        for d, (_, total, budget, others) in devices.items()
+    }
     for device, room in rooms.items():
         if room.held > room.budget:
             detail = ", ".join(f"{n} {gib(b)}" for n, b in room.pinned.items())
@@ -512,13 +520,14 @@ def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], l
                 f"{_device_name(device, devices)}: the models placed on it need {gib(room.held)} but "
                 f"{gib(room.budget)} is available ({detail}); short by {gib(room.held - room.budget)}"
             )
-    for name in spec.on_demand:
+    for name in spec.on_demand:  # against the budget itself: other processes may come and go
         for device, need in observed.estimates.get(name, {}).items():
             space = rooms.get(device)
-            if space is not None and need > space.budget - space.held:
+            budget = devices[device][2] if device in devices else 0
+            if space is not None and need > budget - space.held:
                 errors.append(
                     f"models.{name}: on demand it needs {gib(need)} on {_device_name(device, devices)}, but the "
-                    f"budget of {gib(space.budget)} leaves {gib(max(0, space.budget - space.held))} beside the pinned "
+                    f"budget of {gib(budget)} leaves {gib(max(0, budget - space.held))} beside the pinned "
                     f"models ({', '.join(space.pinned) or 'none'}); it could never be loaded"
                 )
     limit = spec.server.max_loaded
@@ -538,7 +547,7 @@ def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], l
     return rooms, errors
 
 
-def _device_name(device: str, devices: Mapping[str, tuple[str, int, int]]) -> str:
+def _device_name(device: str, devices: Mapping[str, tuple[str, int, int, int]]) -> str:
     return label(device) if device == "cpu" else f"{label(device)} ({devices[device][0]})"
 
 
@@ -556,13 +565,15 @@ def _budgets(spec: Spec, observed: Observed, rooms: Mapping[str, Room], decision
         if device not in used:
             continue
         on_demand = {n: observed.estimates[n][device] for n in decision.keep if device in observed.estimates.get(n, {})}
-        name, total, budget = devices[device]
+        name, total, _, _ = devices[device]
+        budget = room.budget
         out.append(
             {
                 "device": device,
                 "name": name,
                 "total_bytes": total,
                 "budget_bytes": budget,
+                "others_bytes": room.others,
                 "pinned_bytes": room.held,
                 "pinned": dict(room.pinned),
                 "on_demand": on_demand,
