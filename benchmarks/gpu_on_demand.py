@@ -153,35 +153,48 @@ def refusal(work: Path, model: Path, nv: Any) -> None:
     d.start()
     d.converged()
     handle = nv.nvmlDeviceGetHandleByIndex(0)
-    free = nv.nvmlDeviceGetMemoryInfo(handle).free
-    tokens = int((free - 4 * 2**30) / (2 * 16 * 16 * 128 * 2))  # KV bytes per token of the hog below
     hog_model = work / "hog.gguf"
     write_tiny_llama(hog_model, embd=2048, layers=16, heads=16, kv_heads=16, ff=256, words=50)
-    argv = [os.environ["XGEN_LLAMA_SERVER"], "-m", str(hog_model), "-ngl", "-1", "-c", str(tokens),
-            "--port", "24099", "-np", "1", "-fa", "on"]
-    hog = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hogs = []
     try:
-        for _ in range(600):
-            try:
-                if httpx.get("http://127.0.0.1:24099/health").status_code == 200:
+        while nv.nvmlDeviceGetMemoryInfo(handle).free > 2.5 * 2**30 and len(hogs) < 4:
+            free = nv.nvmlDeviceGetMemoryInfo(handle).free
+            tokens = int((free - 2 * 2**30) / (2 * 16 * 16 * 128 * 2))  # KV bytes per token of the hog
+            port = 24099 - len(hogs)
+            argv = [os.environ["XGEN_LLAMA_SERVER"], "-m", str(hog_model), "-ngl", "-1", "-c", str(tokens),
+                    "--port", str(port), "-np", "1", "-fa", "on"]
+            hogs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for _ in range(600):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if hogs[-1].poll() is not None:
                     break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        time.sleep(6)  # the daemon's next GPU sample sees the hog
+                time.sleep(0.1)
+        time.sleep(6)  # the daemon's next GPU sample sees them
         left = nv.nvmlDeviceGetMemoryInfo(handle).free
-        say(f"   a process xgen does not own holds {gib(sum(gpu_processes(nv, 0).values()))}; {gib(left)} free")
+        say(f"   {len(hogs)} llama-server(s) xgen does not own hold {gib(sum(gpu_processes(nv, 0).values()))}; "
+            f"{gib(left)} free")
         code, seconds, text = ask(d.url, "a")
         say(f"   request for a: HTTP {code} in {seconds * 1000:.0f} ms: {text}")
+        for hog in hogs:
+            hog.terminate()
+            hog.wait()
+        time.sleep(6)  # the next GPU sample sees the memory back
+        code, seconds, _ = ask(d.url, "a")
+        say(f"   the other processes gone, request for a: HTTP {code} in {seconds * 1000:.0f} ms")
     finally:
-        hog.terminate()
-        hog.wait()
+        for hog in hogs:
+            hog.kill()
         d.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--parts", default="123", help="which parts to run (default: all)")
     args = parser.parse_args()
     nv = nvml()
     count = nv.nvmlDeviceGetCount()
@@ -190,16 +203,19 @@ def main() -> None:
     write_tiny_llama(model, embd=2048, layers=16, heads=16, kv_heads=16, ff=5632, words=4000)
     names = [nv.nvmlDeviceGetName(nv.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
     say(f"GPUs: {names}; model {model.stat().st_size / 2**30:.2f} GiB GGUF, n_ctx {N_CTX}")
-    say("\n1. estimates against NVML")
-    for i, gpus in enumerate(["0", "[0, 1]"] if count > 1 else ["0"]):
-        (work / f"est{i}").mkdir()
-        estimates(work / f"est{i}", model, gpus, 24000 + 20 * i)
-    say("\n2. three on-demand models, a GPU budget that holds two")
-    (work / "evict").mkdir()
-    eviction(work / "evict", model, args.requests, nv)
-    say("\n3. nothing can make room: a process xgen does not own takes the GPU")
-    (work / "refuse").mkdir()
-    refusal(work / "refuse", model, nv)
+    if "1" in args.parts:
+        say("\n1. estimates against NVML")
+        for i, gpus in enumerate(["0", "[0, 1]"] if count > 1 else ["0"]):
+            (work / f"est{i}").mkdir()
+            estimates(work / f"est{i}", model, gpus, 24000 + 20 * i)
+    if "2" in args.parts:
+        say("\n2. three on-demand models, a GPU budget that holds two")
+        (work / "evict").mkdir()
+        eviction(work / "evict", model, args.requests, nv)
+    if "3" in args.parts:
+        say("\n3. nothing can make room: processes xgen does not own take the GPU")
+        (work / "refuse").mkdir()
+        refusal(work / "refuse", model, nv)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_on_demand.txt").write_text("\n".join(LINES) + "\n")
     shutil.rmtree(work, ignore_errors=True)

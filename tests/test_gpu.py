@@ -145,15 +145,16 @@ def test_default_model_estimate_adds_up(default_model: Path) -> None:
 
 
 def test_a_split_model_is_estimated_per_gpu(default_model: Path) -> None:
-    """Layers split in two blocks, each GPU with its own CUDA context, KV cache and compute
-    buffer; the output head and the logits on the last one."""
+    """llama.cpp shares out the 30 blocks and the output head as 31 units: blocks 0-15 on the
+    first GPU, 16-29 and the head on the second; each GPU has its own CUDA context, KV cache for
+    its blocks and compute buffer; the logits are where the head is."""
     facts = memory.read_gguf(str(default_model))
     first, last = memory.estimate_gguf(facts, 2048, -1, devices=2)
-    kv_half = 2 * 15 * 2048 * 3 * 64 * 2
+    kv_block = 2 * 2048 * 3 * 64 * 2
     attention = 512 * (2048 * 9 + 8 * 576) * 4
-    assert first == sum(facts.layer_bytes[:15]) + kv_half + attention + memory.CUDA_CONTEXT_BYTES
+    assert first == sum(facts.layer_bytes[:16]) + 16 * kv_block + attention + memory.CUDA_CONTEXT_BYTES
     head = facts.output_bytes + 512 * 49152 * 4
-    assert last == first - sum(facts.layer_bytes[:15]) + sum(facts.layer_bytes[15:]) + head
+    assert last == sum(facts.layer_bytes[16:]) + 14 * kv_block + attention + memory.CUDA_CONTEXT_BYTES + head
     [whole] = memory.estimate_gguf(facts, 2048, -1)
     assert first + last == whole + memory.CUDA_CONTEXT_BYTES + attention  # per-GPU overheads twice
 
