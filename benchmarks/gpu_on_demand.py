@@ -157,9 +157,9 @@ def refusal(work: Path, model: Path, nv: Any) -> None:
     write_tiny_llama(hog_model, embd=2048, layers=16, heads=16, kv_heads=16, ff=256, words=50)
     hogs = []
     try:
-        while nv.nvmlDeviceGetMemoryInfo(handle).free > 2.5 * 2**30 and len(hogs) < 4:
+        while nv.nvmlDeviceGetMemoryInfo(handle).free > 2 * 2**30 and len(hogs) < 8:  # less than a model needs
             free = nv.nvmlDeviceGetMemoryInfo(handle).free
-            tokens = int((free - 2 * 2**30) / (2 * 16 * 16 * 128 * 2))  # KV bytes per token of the hog
+            tokens = int((free - 2**30) / (2 * 16 * 16 * 128 * 2))  # KV bytes per token of the hog
             port = 24099 - len(hogs)
             argv = [os.environ["XGEN_LLAMA_SERVER"], "-m", str(hog_model), "-ngl", "-1", "-c", str(tokens),
                     "--port", str(port), "-np", "1", "-fa", "on"]
