@@ -21,7 +21,7 @@ models:
   smollm2:
     path: {MODEL}
     n_ctx: 2048
-    aliases: [claude-sonnet-4-5]
+    aliases: [local-coder]
 active: smollm2
 """
 
@@ -42,7 +42,7 @@ def claude(api_daemon: Daemon) -> anthropic.Anthropic:
 
 
 def test_anthropic_messages(claude: anthropic.Anthropic) -> None:
-    reply = claude.messages.create(model="claude-sonnet-4-5", max_tokens=8,
+    reply = claude.messages.create(model="local-coder", max_tokens=8,
                                    messages=[{"role": "user", "content": "Say hi"}])
     assert reply.type == "message" and reply.content[0].type == "text" and reply.content[0].text
     assert reply.usage.output_tokens == 8 and reply.stop_reason == "max_tokens"
@@ -102,7 +102,7 @@ def test_native_endpoints_and_one_the_backend_lacks(api_daemon: Daemon) -> None:
 def test_upstream_passthrough_is_read_only_by_default(api_daemon: Daemon) -> None:
     props = api_daemon.http.get("/upstream/smollm2/props")
     assert props.status_code == 200 and "default_generation_settings" in props.json()
-    slots = api_daemon.http.get("/upstream/claude-sonnet-4-5/slots")  # an alias works too
+    slots = api_daemon.http.get("/upstream/local-coder/slots")  # an alias works too
     assert slots.status_code == 200 and isinstance(slots.json(), list)
     write = api_daemon.http.post("/upstream/smollm2/slots/0?action=erase")
     assert write.status_code == 405 and "server.upstream_write" in write.json()["error"]["message"]
