@@ -126,11 +126,14 @@ class Daemon:
         generation = load(self.file).generation
         return self.wait(lambda s: s["observed_generation"] == generation and s["status"] == "converged")
 
-    def events(self, since: int) -> list[tuple[str, dict[str, Any]]]:
-        """Every event after `since`, read from the SSE stream."""
+    def events(self, since: int, until: threading.Event | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """Every event after `since`, read from the SSE stream: up to the last one published now,
+        or, given `until`, as they come until it is set and the stream is idle (a long run can
+        publish more than the daemon's backlog keeps, so read it from a thread meanwhile)."""
         out, kind, current = [], "", 0
         last = self.status()["last_event_id"]
-        with self.http.stream("GET", "/api/events", params={"last_event_id": since}) as stream:
+        with httpx.Client(base_url=str(self.http.base_url), timeout=httpx.Timeout(30, read=20)) as http, \
+                http.stream("GET", "/api/events", params={"last_event_id": since}) as stream:
             for line in stream.iter_lines():
                 if line.startswith("event: "):
                     kind = line[7:]
@@ -138,9 +141,12 @@ class Daemon:
                     current = int(line[4:])
                 elif line.startswith("data: "):
                     out.append((kind, json.loads(line[6:])))
-                    if current >= last:
-                        break
+                if (until is None or until.is_set()) and current >= (last if until is None else self.last_id()):
+                    break
         return out
+
+    def last_id(self) -> int:
+        return int(self.status()["last_event_id"])
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
