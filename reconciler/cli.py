@@ -269,12 +269,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     for name in status.get("unloaded_models") or []:
         rows.append((name, "unloaded (desired)", "-", "-", "-", "-", "-", "-", ""))
+    for od in status.get("on_demand_models") or []:
+        if od["residency"] == "standby":
+            why = od.get("refused") or (f"unloaded: {od['unloaded_because']}" if od.get("unloaded_because") else "")
+            rows.append((od["name"], "standby (on demand)", "-", "-", "-", "-", "-", "-", why[:50]))
+    on_demand = {od["name"]: od for od in status.get("on_demand_models") or []}
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for m in status["loaded_models"]:
         if len(_error(m)) > 50:
             print(f"{m['name']}: {_error(m)}")
+        od = on_demand.get(m["name"])
+        if od is not None:
+            idle = f", idle unload in {od['idle_unload_in_s']:.0f}s" if od.get("idle_unload_in_s") is not None else ""
+            progress = f", loading {m['progress']:.0%}" if m.get("progress") is not None else ""
+            print(f"{m['name']}: on demand, loaded for {od.get('loaded_because') or '-'}{idle}{progress}")
     for problem in status.get("spec_error") or []:
         print(f"spec error: {problem}")
     return 0

@@ -5,6 +5,8 @@ touched, and failures and impossible files answered with reasons."""
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -73,6 +75,10 @@ def test_eviction_by_recency_never_touches_pinned_models(daemon: Daemon) -> None
     assert daemon.model("pinned")["pid"] == pinned  # type: ignore[index]
     status = daemon.status()
     assert on_demand(status, "a")["unloaded_because"].startswith("evicted for b")
+    shown = subprocess.run([sys.executable, "-m", "reconciler.cli", "status", "--daemon", daemon.url],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert "standby (on demand)" in shown and "unloaded: evicted for b" in shown, shown
+    assert "b: on demand, loaded for demand" in shown, shown
     assert status["status"] == "converged"
     plan = status["last_plan"]
     assert {o["model"]: o["status"] for o in plan["on_demand"]} == {"a": "standby", "b": "resident", "c": "resident"}
