@@ -233,6 +233,9 @@ class Reconciler:
         for standing in p.on_demand:
             self.store.refuse(standing.model, standing.reason if standing.status == "refused" else None)
         if p.errors:
+            for name in spec.on_demand:  # requests waiting for a load that will not come: answer them now
+                if self.store.demand_of(name).waiting:
+                    self.store.refuse(name, f"model '{name}' cannot be loaded: the plan is refused: {p.errors[0]}")
             if self.store.plan_errors != list(p.errors):  # once per refusal, not every resync
                 for error in p.errors:
                     log.error("plan refused, nothing changed: %s", error)

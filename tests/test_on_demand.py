@@ -36,6 +36,13 @@ def ask(url: str, model: str, timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=timeout)
 
 
+def stream(url: str, model: str) -> list[str]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        return [line for line in r.iter_lines() if line]
+
+
 def on_demand(status: dict[str, Any], name: str) -> dict[str, Any]:
     return next(m for m in status["on_demand_models"] if m["name"] == name)
 
@@ -48,8 +55,10 @@ def test_concurrent_requests_share_one_load(daemon: Daemon) -> None:
     listed = {m["id"]: m["meta"]["resident"] for m in daemon.http.get("/v1/models").json()["data"]}
     assert listed == {"pinned": True, "a": False, "b": False, "c": False}  # clients can pick them
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: ask(daemon.url, "a"), range(8)))
-    assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+        streamed = pool.submit(stream, daemon.url, "a")  # starts streaming once the load is done
+        answers = list(pool.map(lambda _: ask(daemon.url, "a"), range(7)))
+    assert [r.status_code for r in answers] == [200] * 7, [r.text for r in answers]
+    assert streamed.result()[-1] == "data: [DONE]"
     loads = [e["data"] for e in daemon.events() if e["kind"] == "load" and e["data"]["model"] == "a"]
     assert len(loads) == 1 and loads[0]["cause"] == "demand"
     a = on_demand(daemon.status(), "a")
@@ -116,6 +125,10 @@ def test_a_file_whose_on_demand_model_can_never_fit_is_refused_and_the_old_one_s
     status = daemon.until(lambda s: s["status"] == "plan_refused", 15, "the refusal")
     assert any("on demand it needs" in e and "it could never be loaded" in e for e in status["plan_errors"])
     assert ask(daemon.url, "a").status_code == 200 and ask(daemon.url, "pinned").status_code == 200
+    t0 = time.monotonic()
+    refused = ask(daemon.url, "b")  # not resident: no load comes while the plan is refused
+    assert refused.status_code == 503 and time.monotonic() - t0 < 5, refused.text
+    assert "the plan is refused" in refused.json()["error"]["message"]
 
 
 def test_a_waiting_request_sees_the_load_progress(daemon: Daemon) -> None:
