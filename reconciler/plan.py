@@ -530,6 +530,12 @@ def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], l
                     f"budget of {gib(budget)} leaves {gib(max(0, budget - space.held))} beside the pinned "
                     f"models ({', '.join(space.pinned) or 'none'}); it could never be loaded"
                 )
+    for name, model in spec.served.items():
+        if model.server_type == "rerank" and choose_backend(model, observed.gpus)[0] == "transformers":
+            errors.append(
+                f"models.{name}: server_type rerank on the transformers backend (an HF model without a GPU): it "
+                "serves llm and embedding models only; rerank with a GGUF on llama-server or on a GPU with vLLM"
+            )
     limit = spec.server.max_loaded
     if limit is not None and len(spec.loaded) + (1 if spec.on_demand else 0) > limit:
         errors.append(

@@ -32,7 +32,7 @@ MAX_ALIASED = 5_000  # values read again through an alias: a "billion laughs" fi
 _TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "timestamp"))
 BACKENDS = ("llama-server", "vllm", "transformers")
 Backend = Literal["auto", "llama-server", "vllm", "transformers"]
-ServerType = Literal["llm", "embedding"]
+ServerType = Literal["llm", "embedding", "rerank"]
 Desired = Literal["loaded", "on_demand", "unloaded"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
 
@@ -49,6 +49,8 @@ MANAGED_FLAGS: dict[str, str] = {
     "--gpu-layers": "n_gpu_layers",
     "--embeddings": "server_type: embedding",
     "--embedding": "server_type: embedding",
+    "--reranking": "server_type: rerank",
+    "--rerank": "server_type: rerank",
     "--lora": "lora",
     "--served-model-name": "the model's name",
     "--tensor-parallel-size": "vllm.tensor_parallel_size",
@@ -698,8 +700,12 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
             reader.problem(
                 ("active",), f"model '{target}' has desired: unloaded; the active model must be loaded or on_demand"
             )
-        elif spec.models[target].server_type == "embedding":
-            reader.problem(("active",), f"model '{target}' is an embedding model; the active model must be an llm")
+        elif spec.models[target].server_type != "llm":
+            reader.problem(
+                ("active",),
+                f"model '{target}' is a{'n' if spec.models[target].server_type == 'embedding' else ''} "
+                f"{spec.models[target].server_type} model; the active model must be an llm",
+            )
 
 
 def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
@@ -708,6 +714,14 @@ def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
         return [("path", "set exactly one of 'path' (a local file or directory) or 'hf_id'")]
     if model.backend == "llama-server" and model.hf_id is not None:
         return [("backend", "llama-server needs a GGUF file in 'path', not an hf_id")]
+    if model.backend == "transformers" and model.server_type == "rerank":
+        return [
+            (
+                "server_type",
+                "the transformers backend serves llm and embedding models; rerank with a GGUF on llama-server or "
+                "an HF cross-encoder on vLLM",
+            )
+        ]
     if model.backend in ("vllm", "transformers") and model.format == "gguf":
         return [
             (

@@ -12,6 +12,7 @@ import anthropic
 import openai
 import pytest
 from conftest import Daemon
+from tinygguf import write_tiny_llama
 
 pytestmark = pytest.mark.integration
 KEY = "sk-local-test"
@@ -22,6 +23,10 @@ models:
     path: {MODEL}
     n_ctx: 2048
     aliases: [local-coder]
+  ranker:
+    path: {RERANKER}
+    server_type: rerank
+    n_ctx: 512
 active: smollm2
 """
 
@@ -30,6 +35,7 @@ active: smollm2
 def api_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path,
                llama_server: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("apis"), default_model, tiny_gguf)
+    d.vars["RERANKER"] = str(write_tiny_llama(d.dir / "reranker.gguf", reranker=True))
     d.http.headers["authorization"] = f"Bearer {KEY}"
     d.launch(SPEC, header=False)
     yield d
@@ -97,6 +103,22 @@ def test_native_endpoints_and_one_the_backend_lacks(api_daemon: Daemon) -> None:
     error = rerank.json()["error"]
     assert error["code"] == "endpoint_not_supported"
     assert error["message"].startswith("the llama-server backend of 'smollm2' does not serve /v1/rerank")
+
+
+def test_rerank_with_a_rerank_model(api_daemon: Daemon) -> None:
+    """server_type: rerank (llama-server --reranking) with a reranker the test builds; a request
+    naming no model goes to the one rerank model, on every rerank path."""
+    documents = ["w1 w2", "w3", "w4 w5 w6"]
+    for path in ("/v1/rerank", "/v1/reranking", "/rerank"):
+        body = {"query": "w1", "documents": documents, **({"model": "ranker"} if path == "/rerank" else {})}
+        answer = api_daemon.http.post(path, json=body)
+        assert answer.status_code == 200, (path, answer.text)
+        results = answer.json()["results"]
+        assert sorted(r["index"] for r in results) == [0, 1, 2]
+        assert all(isinstance(r["relevance_score"], float) for r in results)
+    chat = api_daemon.http.post("/v1/chat/completions", json={"model": "ranker", "max_tokens": 2,
+                                                              "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 400 and chat.json()["error"]["code"] == "wrong_model_type"  # it would answer noise
 
 
 def test_upstream_passthrough_is_read_only_by_default(api_daemon: Daemon) -> None:

@@ -183,3 +183,14 @@ def test_llama_server_lora_adapter_is_selected_by_name(tmp_path: Path, default_m
         assert {m["id"] for m in d.http.get("/v1/models").json()["data"]} == {"tiny", "tilt"}
     finally:
         d.stop()
+
+
+def test_a_model_is_asked_only_what_its_server_type_answers() -> None:
+    from reconciler.web.proxy import wrong_kind
+
+    assert wrong_kind("llm", "chat/completions") is None
+    assert wrong_kind("rerank", "rerank") is None and wrong_kind("rerank", "/rerank") is None
+    assert wrong_kind("llm", "embeddings") == (
+        "is an llm model; embeddings need a model with server_type: embedding in models.yaml")
+    assert wrong_kind("rerank", "messages") == (
+        "is a rerank model (server_type: rerank); it answers /v1/rerank, not generation")

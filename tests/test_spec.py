@@ -98,6 +98,11 @@ def test_duplicate_model_name() -> None:
          "m.yaml:5:1: active: model 'e' is an embedding model; the active model must be an llm"),
         ("models:\n  a:\n    hf_id: org/a\n    backend: llama-server\n",
          "m.yaml:4:5: models.a.backend: llama-server needs a GGUF file in 'path', not an hf_id"),
+        ("models:\n  r:\n    path: r.gguf\n    server_type: rerank\nactive: r\n",
+         "m.yaml:5:1: active: model 'r' is a rerank model; the active model must be an llm"),
+        ("models:\n  r:\n    hf_id: org/r\n    backend: transformers\n    server_type: rerank\n",
+         "m.yaml:5:5: models.r.server_type: the transformers backend serves llm and embedding models; rerank "
+         "with a GGUF on llama-server or an HF cross-encoder on vLLM"),
         ("models:\n  a:\n    path: a.gguf\n    backend: vllm\n",
          "m.yaml:4:5: models.a.backend: vllm serves Hugging Face model directories, not GGUF files; "
          "use backend: llama-server"),

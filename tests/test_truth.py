@@ -132,5 +132,5 @@ def test_streamed_tokens_are_counted_and_embeddings_need_an_embedding_model(daem
         assert [line for line in stream.iter_lines() if line][-1] == "data: [DONE]"
     assert metric(daemon, 'xgen_tokens_total{kind="completion",model="smollm2"}') == before + 7
     r = daemon.http.post("/v1/embeddings", json={"model": "smollm2", "input": "hello"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_embedding"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_model_type"
     assert "server_type: embedding" in r.json()["error"]["message"]

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, PoolingType, TokenType
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -21,7 +21,10 @@ CHAT_TEMPLATE = (
 
 
 def write_tiny_llama(path: Path, *, embd: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 4,
-                     ff: int = 128, words: int = 256, ctx: int = 2048, seed: int = 0, name: str = "tiny") -> Path:
+                     ff: int = 128, words: int = 256, ctx: int = 2048, seed: int = 0, name: str = "tiny",
+                     reranker: bool = False) -> Path:
+    """A llama model; `reranker`: the same as a Qwen3-style reranker (llama.cpp's qwen3 with a
+    one-score classification head, served by `llama-server --reranking`)."""
     rng = np.random.default_rng(seed)
     tokens: list[bytes] = [b"<unk>", b"<s>", b"</s>", b"<|im_start|>", b"<|im_end|>"]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL, TokenType.CONTROL]
@@ -30,7 +33,7 @@ def write_tiny_llama(path: Path, *, embd: int = 64, layers: int = 2, heads: int 
     tokens += [f"\u2581w{i}".encode() for i in range(words)]
     types += [TokenType.NORMAL] * words
     vocab = len(tokens)
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), "qwen3" if reranker else "llama")
     writer.add_name(name)
     writer.add_context_length(ctx)
     writer.add_embedding_length(embd)
@@ -65,12 +68,18 @@ def write_tiny_llama(path: Path, *, embd: int = 64, layers: int = 2, heads: int 
         tensor(f"blk.{i}.attn_k.weight", kv_heads * head_dim, embd)
         tensor(f"blk.{i}.attn_v.weight", kv_heads * head_dim, embd)
         tensor(f"blk.{i}.attn_output.weight", embd, heads * head_dim)
+        if reranker:
+            tensor(f"blk.{i}.attn_q_norm.weight", head_dim, norm=True)
+            tensor(f"blk.{i}.attn_k_norm.weight", head_dim, norm=True)
         tensor(f"blk.{i}.ffn_norm.weight", embd, norm=True)
         tensor(f"blk.{i}.ffn_gate.weight", ff, embd)
         tensor(f"blk.{i}.ffn_up.weight", ff, embd)
         tensor(f"blk.{i}.ffn_down.weight", embd, ff)
     tensor("output_norm.weight", embd, norm=True)
     tensor("output.weight", vocab, embd)
+    if reranker:
+        writer.add_pooling_type(PoolingType.RANK)
+        tensor("cls.output.weight", 1, embd)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -85,6 +85,8 @@ class LlamaServerDriver:
             argv += ["--load-mode", mode]
         if model.server_type == "embedding":
             argv += ["--embeddings", "--pooling", o.pooling or "mean"]
+        elif model.server_type == "rerank":
+            argv += ["--reranking"]  # /v1/rerank, with the model's rank pooling
         if model.lora:
             # loaded but not applied: the proxy selects one per request
             argv += ["--lora-scaled", ",".join(f"{a.path}:{a.scale}" for a in model.lora), "--lora-init-without-apply"]

@@ -58,8 +58,8 @@ class VllmDriver:
         for flag, value in (("--block-size", o.block_size), ("--swap-space", o.swap_space), ("--dtype", o.dtype)):
             if value is not None:
                 argv += [flag, str(value)]
-        if model.server_type == "embedding":
-            argv += ["--runner", "pooling"]
+        if model.server_type in ("embedding", "rerank"):
+            argv += ["--runner", "pooling"]  # a cross-encoder under it serves /v1/rerank and /v1/score
         if model.lora:
             argv += ["--enable-lora", "--lora-modules", *(f"{a.name}={a.path}" for a in model.lora)]
         return argv + list(model.extra_args)

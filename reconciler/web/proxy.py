@@ -44,6 +44,10 @@ HOP_HEADERS = {
 }
 # Endpoints every backend serves; for the others a 404/501 from the backend is explained.
 CORE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# Endpoints that generate text (path less /v1/)
+GENERATE = frozenset({"chat/completions", "completions", "responses", "messages", "/completion", "/infill"})
+# Rerank endpoints (path less /v1/): a request naming no model goes to the one rerank model
+RERANK = frozenset({"rerank", "reranking", "/rerank", "score"})
 # OpenAI error types → Anthropic's, for clients of /v1/messages
 ANTHROPIC_TYPES = {
     401: "authentication_error",
@@ -94,17 +98,28 @@ def route(
                 return Route(base, requested)
         if spec.server.unknown_model == "reject":
             return unknown_model(spec, requested)
-    if endpoint == "embeddings":
-        embedders = [n for n, m in spec.served.items() if m.server_type == "embedding"]
-        if len(embedders) == 1:
-            return Route(embedders[0], embedders[0])
-        running = [n for n in embedders if n in loaded and loaded[n].state is ModelState.LOADED]
+    kind = "embedding" if endpoint == "embeddings" else "rerank" if endpoint in RERANK else None
+    if kind is not None:  # the one model of that kind, when the request names none
+        fitting = [n for n, m in spec.served.items() if m.server_type == kind]
+        if len(fitting) == 1:
+            return Route(fitting[0], fitting[0])
+        running = [n for n in fitting if n in loaded and loaded[n].state is ModelState.LOADED]
         if len(running) == 1:
             return Route(running[0], running[0])
-        return f"name an embedding model in `model`: {', '.join(embedders) or 'none configured'}"
+        article = "an" if kind == "embedding" else "a"
+        return f"name {article} {kind} model in `model`: {', '.join(fitting) or 'none configured'}"
     if active is None:
         return f"the request names no model and no active model is set; name one of: {served_names(spec)}"
     return Route(active, active)
+
+
+def wrong_kind(server_type: str, endpoint: str) -> str | None:
+    """Why a model of `server_type` cannot answer `endpoint`, or None. Pure."""
+    if endpoint == "embeddings" and server_type != "embedding":
+        return f"is an {server_type} model; embeddings need a model with server_type: embedding in models.yaml"
+    if server_type == "rerank" and endpoint in GENERATE:
+        return "is a rerank model (server_type: rerank); it answers /v1/rerank, not generation"
+    return None
 
 
 def unknown_model(spec: Spec, requested: str) -> str:
@@ -263,14 +278,8 @@ class Proxy:
         if isinstance(decision, str):
             return openai_error(404, decision, "invalid_request_error", "model_not_found")
         name = decision.model
-        if endpoint == "embeddings" and spec.models[name].server_type != "embedding":
-            return openai_error(
-                400,
-                f"model '{name}' is a chat model (server_type: {spec.models[name].server_type}); embeddings need a "
-                "model with server_type: embedding in models.yaml",
-                "invalid_request_error",
-                "model_not_embedding",
-            )
+        if (mismatch := wrong_kind(spec.models[name].server_type, endpoint)) is not None:
+            return openai_error(400, f"model '{name}' {mismatch}", "invalid_request_error", "wrong_model_type")
         info = self.store.models.get(name)
         if (info is None or info.state is not ModelState.LOADED) and name in spec.on_demand:
             info = await self._demand(name, spec)
