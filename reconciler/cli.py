@@ -447,9 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `xgen status | head -1`: a closed pipe ends the program quietly, as it does for other tools
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_serve:
+        # `xgen status | head -1`: a closed pipe ends the program quietly, as it does for other
+        # tools. Never in the daemon: there a peer that closes a socket mid-write (a backend that
+        # refuses an upload) would kill it with SIGPIPE instead of raising an error
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
