@@ -121,6 +121,26 @@ def test_rerank_with_a_rerank_model(api_daemon: Daemon) -> None:
     assert chat.status_code == 400 and chat.json()["error"]["code"] == "wrong_model_type"  # it would answer noise
 
 
+def test_audio_uploads_are_routed_by_their_form_field(api_daemon: Daemon) -> None:
+    """A multipart upload goes to the model its `model` field names, before or after an 8 MB
+    file (spooled, then streamed); these models take no audio, which the answer says."""
+    client = openai.OpenAI(base_url=f"{api_daemon.url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.audio.transcriptions.create(model="local-coder", file=("a.wav", b"RIFF" + bytes(1000)))
+    assert "the llama-server backend of 'smollm2' does not serve /v1/audio/transcriptions" in str(caught.value)
+    boundary = "xgen-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n".encode()
+            + bytes(8 * 2**20) + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n"
+            "ranker\r\n".encode() + f"--{boundary}--\r\n".encode())
+    answer = api_daemon.http.post("/v1/audio/translations", content=body,
+                                  headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    # llama-server answers and closes before it reads 8 MB: routed to ranker, and said so
+    message = answer.json()["error"]["message"]
+    assert answer.status_code in (404, 501, 502), answer.text
+    assert "backend of 'ranker'" in message and "/v1/audio/translations" in message, message
+    assert api_daemon.http.get("/health").status_code == 200  # the daemon took no harm (it died of SIGPIPE before)
+
+
 def test_upstream_passthrough_is_read_only_by_default(api_daemon: Daemon) -> None:
     props = api_daemon.http.get("/upstream/smollm2/props")
     assert props.status_code == 200 and "default_generation_settings" in props.json()

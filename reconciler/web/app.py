@@ -47,7 +47,10 @@ ROUTED = (
     "/tokenize",
     "/detokenize",
     "/apply-template",
+    "/v1/audio/speech",
 )
+# multipart uploads, routed by their `model` form field without holding the file in memory
+UPLOADS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE_S = 15.0
 
@@ -252,6 +255,7 @@ def create_app(
         Route("/v1/embeddings", proxy.forward, methods=["POST"]),
         # the other APIs clients speak, routed by the `model` in the body like chat
         *(Route(path, proxy.forward, methods=["POST"]) for path in ROUTED),
+        *(Route(path, proxy.forward_form, methods=["POST"]) for path in UPLOADS),
         Route("/upstream/{model}/{path:path}", proxy.upstream, methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
         Route("/api/logs/{model}", management(logs)),
     ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from reconciler.spec import Spec
 from reconciler.state import ModelInfo, ModelState
 from reconciler.store import StateStore
 from reconciler.web import metrics
+from reconciler.web.formfield import FormField, boundary_of
 
 HOP_HEADERS = {
     "connection",
@@ -269,6 +271,71 @@ class Proxy:
         requested = payload.get("model")
         if requested is not None and not isinstance(requested, str):
             return openai_error(400, "`model` must be a string", "invalid_request_error", "invalid_model")
+        return await self._route_and_send(request, spec, endpoint, requested, body, t0, payload)
+
+    async def forward_form(self, request: Request) -> Response:
+        """A multipart upload (audio transcriptions and translations): routed by its `model`
+        field and forwarded byte for byte. The upload is never held in memory: what arrives
+        before the field is spooled (to disk past 1 MiB), then everything streams through."""
+        boundary = boundary_of(request.headers.get("content-type", ""))
+        if boundary is None:
+            return await self.forward(request)
+        t0 = time.perf_counter()
+        spec = self._admit(request)
+        if isinstance(spec, Response):
+            return spec
+        limit = spec.server.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            return openai_error(413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large")
+        field = FormField(boundary, "model")
+        spool = tempfile.SpooledTemporaryFile(max_size=2**20)  # noqa: SIM115 (closed by the body stream)
+        chunks = request.stream().__aiter__()
+        size = 0
+        try:
+            while field.found is None:
+                chunk = await chunks.__anext__()
+                size += len(chunk)
+                if size > limit:
+                    spool.close()
+                    return openai_error(
+                        413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large"
+                    )
+                spool.write(chunk)
+                field.feed(chunk)
+        except StopAsyncIteration:
+            pass
+        except ClientDisconnect:
+            spool.close()
+            return Response(status_code=499)
+
+        async def body() -> AsyncIterator[bytes]:
+            sent = size
+            with spool:
+                spool.seek(0)
+                while block := spool.read(2**16):
+                    yield block
+            async for chunk in chunks:
+                sent += len(chunk)
+                if sent > limit:
+                    raise ValueError(f"request body over {limit} bytes")  # the upstream request breaks off
+                yield chunk
+
+        return await self._route_and_send(
+            request, spec, request.url.path.removeprefix("/v1/"), field.found or None, body(), t0
+        )
+
+    async def _route_and_send(
+        self,
+        request: Request,
+        spec: Spec,
+        endpoint: str,
+        requested: str | None,
+        body: bytes | AsyncIterator[bytes],
+        t0: float,
+        payload: dict[str, Any] | None = None,
+    ) -> Response:
+        """Route by the requested name (waiting for a loading or on-demand model) and send; a JSON
+        `payload` gets its `model` (and llama-server's LoRA selection) rewritten where needed."""
         decision = route(spec, requested, endpoint, self.store.active, self.store.models)
         if isinstance(decision, str) and self.store.settling:
             # a save is settling: a model it adds becomes routable within settle_ms
@@ -288,7 +355,7 @@ class Proxy:
             info = await self.store.wait_for(name, spec.server.load_wait_s, WAIT_WHILE)
         if info is None or info.state is not ModelState.LOADED or info.port is None:
             return self._unavailable(name, info, spec)
-        if info.backend == "llama-server" and info.spec.lora:
+        if payload is not None and info.backend == "llama-server" and info.spec.lora:
             # llama-server selects adapters per request by id and scale: the named adapter at its
             # scale, the others off; a request for the base model gets none (as with vLLM)
             payload["lora"] = [
@@ -297,7 +364,7 @@ class Proxy:
             ]
             payload["model"] = name
             body = json.dumps(payload).encode()
-        elif payload.get("model") != decision.upstream_model:
+        elif payload is not None and payload.get("model") != decision.upstream_model:
             payload["model"] = decision.upstream_model
             body = json.dumps(payload).encode()
         return await self._send(request, info, endpoint, body, t0)
@@ -369,7 +436,7 @@ class Proxy:
         request: Request,
         info: ModelInfo,
         endpoint: str,
-        body: bytes,
+        body: bytes | AsyncIterator[bytes],
         t0: float,
         upstream: str | None = None,
     ) -> Response:
@@ -391,10 +458,19 @@ class Proxy:
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 # a pooled keep-alive connection the backend had just closed (llama-server's HTTP
                 # server closes idle and well-used ones): nothing was answered, so send it once
-                # more on a fresh connection
+                # more on a fresh connection (a streamed upload is gone: it cannot be sent again)
+                if not isinstance(body, bytes):
+                    raise
                 resp = await self.client(port, pid).request(method, path, params=params, data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             self._done(name, port, "502", t0)
+            if not isinstance(body, bytes) and "request body" in str(exc):
+                return openai_error(
+                    502,
+                    f"the {info.backend} backend of '{name}' closed the connection before it took the whole upload "
+                    f"to {path}: it does not serve this endpoint, or refused the request ({exc})",
+                    "upstream_error",
+                )
             return openai_error(
                 502, f"backend of '{name}' (pid {pid}, port {port}) did not answer: {exc!r}", "upstream_error"
             )
