@@ -50,6 +50,10 @@ def test_page_renders_and_follows_a_saved_change(daemon: Daemon, page: object) -
     page.locator("#overall").filter(has_text="converged").wait_for(timeout=15000)  # type: ignore[attr-defined]
     page.locator("#live").and_(page.locator(".on")).wait_for(timeout=15000)  # type: ignore[attr-defined]
     assert "default" in row.inner_text()
+    row.locator("[data-log]").click()  # the model's log, then its new lines live
+    page.locator("#log").filter(has_text="llama").wait_for(timeout=15000)  # type: ignore[attr-defined]
+    daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    page.locator("#log").filter(has_text="print_timing").wait_for(timeout=15000)  # type: ignore[attr-defined]
     page.evaluate("window.__same_page = true")  # type: ignore[attr-defined]
 
     two = ONE_MODEL.replace("active: smollm2", "  tiny:\n    path: {TINY}\n    n_ctx: 256\nactive: smollm2")
