@@ -9,6 +9,9 @@ Prints added latency p50/p99 at concurrency 1, 16, 64 (non-streaming), time to f
 streaming, and streamed throughput through the proxy as a ratio of direct at 64 streams.
 Goals: added p50 < 1 ms at concurrency 1; streaming throughput >= 97% of direct at 64 streams.
 
+Part 1b prints the same added latency for /v1/messages and /v1/responses beside chat's (goal:
+equal: they take the same path through the proxy).
+
 Usage: python benchmarks/proxy.py [--quick] [--skip-real]
 """
 
@@ -104,12 +107,12 @@ def run_proxy(port: int, backend_port: int) -> None:
 
 
 async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, body: bytes,
-                  stream: bool) -> tuple[float, float, int, bool]:
+                  stream: bool, path: bytes = b"/v1/chat/completions") -> tuple[float, float, int, bool]:
     """One request on a kept-alive connection: (time to first body byte, total time, body bytes,
     whether the server keeps the connection open)."""
     t0 = time.perf_counter()
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\n\r\n%s" % (port, len(body), body))
+    writer.write(b"POST %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (path, port, len(body), body))
     head = await reader.readuntil(b"\r\n\r\n")
     size = 0
     first = 0.0
@@ -132,7 +135,8 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, po
     return first, time.perf_counter() - t0, size, b"connection: close" not in head.lower()
 
 
-async def load(port: int, concurrency: int, total: int, stream: bool, body: dict[str, object]) -> dict[str, float]:
+async def load(port: int, concurrency: int, total: int, stream: bool, body: dict[str, object],
+               path: bytes = b"/v1/chat/completions") -> dict[str, float]:
     payload = json.dumps({**body, "stream": stream}).encode()
     latencies: list[float] = []
     firsts: list[float] = []
@@ -142,18 +146,18 @@ async def load(port: int, concurrency: int, total: int, stream: bool, body: dict
     async def worker() -> None:
         nonlocal remaining, volume
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        *_, alive = await request(reader, writer, port, payload, stream)  # warm the connection
+        *_, alive = await request(reader, writer, port, payload, stream, path)  # warm the connection
         while remaining > 0:
             remaining -= 1
             if not alive:  # the server said it closes: reconnect, as a client would
                 writer.close()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                first, whole, size, alive = await request(reader, writer, port, payload, stream)
+                first, whole, size, alive = await request(reader, writer, port, payload, stream, path)
             except (asyncio.IncompleteReadError, ConnectionError):  # closed without saying so (llama-server)
                 writer.close()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                first, whole, size, alive = await request(reader, writer, port, payload, stream)
+                first, whole, size, alive = await request(reader, writer, port, payload, stream, path)
             latencies.append(whole)
             firsts.append(first)
             volume += size
@@ -204,6 +208,20 @@ def compare(label: str, direct_port: int, proxy_port: int, body: dict[str, objec
     return lines
 
 
+def apis(direct_port: int, proxy_port: int, body: dict[str, object], per_level: int) -> list[str]:
+    """What the proxy adds on each API it routes, beside chat's, in the same run (direct and
+    through xgen alternating per API, so each ratio sees the same machine)."""
+    lines = ["Part 1b: the same stub, by API (non-streaming; added = proxy - direct)"]
+    for path in (b"/v1/chat/completions", b"/v1/messages", b"/v1/responses"):
+        shown = []
+        for c in (1, 16):
+            d = asyncio.run(load(direct_port, c, max(per_level, c * 20), False, body, path))
+            p = asyncio.run(load(proxy_port, c, max(per_level, c * 20), False, body, path))
+            shown.append(f"c={c}: added p50 {p['p50'] - d['p50']:+.2f} ms p99 {p['p99'] - d['p99']:+.2f} ms")
+        lines.append(f"  {path.decode():<22} " + " | ".join(shown))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -228,6 +246,7 @@ def main() -> None:
         runs = [(1, 0), (64, 0), (1, 5), (64, 5)]  # paced: 200 tokens/s per stream, like a fast GPU model
         out += compare("Part 1: stub backend (isolates the proxy)", stub, proxy, body, [1, 16, 64],
                        400 if args.quick else 2000, runs, 128 if args.quick else 256)
+        out += apis(stub, proxy, body, 400 if args.quick else 2000)
     finally:
         for p in procs:
             p.terminate()
