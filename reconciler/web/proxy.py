@@ -238,7 +238,8 @@ class Proxy:
         return response
 
     def _admit(self, request: Request) -> Spec | Response:
-        """The spec to route with, or the answer for a request that goes no further."""
+        """The spec to route with, or the answer for a request that goes no further (no key, no
+        spec yet, a declared body over the limit)."""
         if (denied := self.check_key(request)) is not None:
             return denied
         spec: Spec | None = self.get_spec()
@@ -246,6 +247,8 @@ class Proxy:
             return openai_error(
                 503, "no valid models.yaml loaded yet", "service_unavailable", headers={"Retry-After": "5"}
             )
+        if int(request.headers.get("content-length") or 0) > spec.server.max_body_bytes:
+            return _too_large(spec.server.max_body_bytes)
         return spec
 
     async def _forward(self, request: Request) -> Response:
@@ -255,14 +258,12 @@ class Proxy:
         if isinstance(spec, Response):
             return spec
         limit = spec.server.max_body_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
-            return openai_error(413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large")
         try:
             body = await _read_body(request, limit)
         except ClientDisconnect:
             return Response(status_code=499)
         if body is None:
-            return openai_error(413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large")
+            return _too_large(limit)
         try:
             payload = json.loads(body)
             assert isinstance(payload, dict)
@@ -285,8 +286,6 @@ class Proxy:
         if isinstance(spec, Response):
             return spec
         limit = spec.server.max_body_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
-            return openai_error(413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large")
         field = FormField(boundary, "model")
         spool = tempfile.SpooledTemporaryFile(max_size=2**20)  # noqa: SIM115 (closed by the body stream)
         chunks = request.stream().__aiter__()
@@ -297,9 +296,7 @@ class Proxy:
                 size += len(chunk)
                 if size > limit:
                     spool.close()
-                    return openai_error(
-                        413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large"
-                    )
+                    return _too_large(limit)
                 spool.write(chunk)
                 field.feed(chunk)
         except StopAsyncIteration:
@@ -406,7 +403,7 @@ class Proxy:
             return self._unavailable(name, info, spec)
         body = await _read_body(request, spec.server.max_body_bytes) if request.method not in ("GET", "HEAD") else b""
         if body is None:
-            return openai_error(413, "request body too large", "invalid_request_error", "body_too_large")
+            return _too_large(spec.server.max_body_bytes)
         return await self._send(request, info, "upstream", body, t0, upstream="/" + request.path_params["path"])
 
     def _unavailable(self, name: str, info: ModelInfo | None, spec: Spec) -> Response:
@@ -524,6 +521,10 @@ class Proxy:
         metrics.INFLIGHT.labels(name).dec()
         metrics.REQUESTS.labels(name, status).inc()
         metrics.LATENCY.labels(name, status).observe(time.perf_counter() - t0)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return openai_error(413, f"request body over {limit} bytes", "invalid_request_error", "body_too_large")
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
