@@ -92,6 +92,7 @@ class StateStore:
         record.waiting += 1
         self.waiting += 1
         record.wanted_at = record.wanted_at or time.time()
+        record.last_used = time.time()  # a load nobody ends up using still goes idle
         record.refused = None  # decided afresh for this request
         self.wake()
 
