@@ -108,6 +108,7 @@ class Child:
     launch_hash: str
     pidfile: Path | None = None
     log_from: int = 0  # where this process's output starts in the model's log
+    stop_signal: int = signal.SIGTERM  # the driver's: how a drained process is stopped
     stopping: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -297,7 +298,7 @@ class Supervisor:
             logfile.close()
         self.last_port[name] = port
         pidfile = self._write_pidfile(name, proc.pid, argv)
-        return Child(proc, argv, time.time(), port, launch_hash(argv, extra), pidfile, log_from)
+        return Child(proc, argv, time.time(), port, launch_hash(argv, extra), pidfile, log_from, driver.stop_signal)
 
     async def _ready(self, key: str, child: Child, backend: str, model: ModelSpec) -> str | None:
         """Wait for readiness: None when ready, else why not (the process is stopped then, and
@@ -399,7 +400,9 @@ class Supervisor:
 
     async def _kill(self, name: str, child: Child) -> None:
         child.stopping = True
-        await terminate_group(child.proc.pid, lambda: child.proc.returncode is not None, self.grace_s, child.proc.wait)
+        await terminate_group(
+            child.proc.pid, lambda: child.proc.returncode is not None, self.grace_s, child.proc.wait, child.stop_signal
+        )
         with contextlib.suppress(ProcessLookupError):
             await child.proc.wait()
         if child.watcher is not None:
@@ -451,13 +454,18 @@ class Supervisor:
 
 
 async def terminate_group(
-    pid: int, exited: Callable[[], bool], grace_s: float, wait: Callable[[], Awaitable[object]] | None = None
+    pid: int,
+    exited: Callable[[], bool],
+    grace_s: float,
+    wait: Callable[[], Awaitable[object]] | None = None,
+    first: int = signal.SIGTERM,
 ) -> None:
-    """SIGTERM the process group of `pid`, wait up to `grace_s`, then SIGKILL it. `wait` (the
-    leader's own exit, when it is our child) ends the wait the moment it exits: an eviction or a
-    swap waits for that, so no polling interval is added to it."""
+    """Signal the process group of `pid` (`first`: SIGTERM, or SIGKILL for a backend with nothing
+    to shut down), wait up to `grace_s`, then SIGKILL it. `wait` (the leader's own exit, when it
+    is our child) ends the wait the moment it exits: an eviction or a swap waits for that, so no
+    polling interval is added to it."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, first)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s

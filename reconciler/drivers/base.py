@@ -17,6 +17,7 @@ class Availability:
 class Driver(Protocol):
     name: str
     ready_timeout_s: float
+    stop_signal: int  # what a drained process is stopped with (SIGKILL follows after the grace period)
 
     def command(self, name: str, model: ModelSpec, port: int) -> list[str]:
         """argv for the child (never a shell), bound to 127.0.0.1 on `port`."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import signal
 import sys
 
 from reconciler.drivers.base import Availability, gpu_environment
@@ -19,6 +20,7 @@ from reconciler.spec import ModelSpec
 class TransformersDriver:
     name = "transformers"
     ready_timeout_s = 300.0
+    stop_signal: int = signal.SIGTERM
 
     def python(self) -> str:
         return os.environ.get("XGEN_TRANSFORMERS_PYTHON") or sys.executable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ _VLLM_STAGES = (  # markers of vLLM's start, in order, and how far each is
 class VllmDriver:
     name = "vllm"
     ready_timeout_s = 300.0
+    stop_signal: int = signal.SIGTERM  # its engine processes shut down and free the GPUs in order
 
     def python(self, model: ModelSpec | None = None) -> str:
         return (model and model.vllm.python) or os.environ.get("XGEN_VLLM_PYTHON") or sys.executable
