@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,18 @@ class StateStore:
     def touch(self, name: str) -> None:
         """A request for `name` starts or ends (the idle clock restarts)."""
         self.demand_of(name).last_used = time.time()
+
+    def usage(self, name: str, inflight: Mapping[int, int]) -> Usage:
+        """`name`'s usage for the demand rules, with its requests in flight now (`inflight` per port)."""
+        info = self.models.get(name)
+        return self.demand_of(name).usage(inflight.get(info.port, 0) if info is not None and info.port else 0)
+
+    def idle_at(self, name: str, idle_unload_s: float | None) -> float | None:
+        """When a resident model reaches its idle_unload_s, if nothing uses it before."""
+        last = self.demand_of(name).last_used
+        if name not in self.models or last is None or idle_unload_s is None:
+            return None
+        return last + idle_unload_s
 
     def want(self, name: str) -> None:
         """A request waits for `name` to load: ask the daemon to bring it in."""

@@ -480,31 +480,56 @@ async def terminate_group(
         os.killpg(pid, signal.SIGKILL)
 
 
+class NewLines:
+    """The lines a log file gains from `offset` on, one read at a time: a half-written last line
+    waits for its end, and a file that shrank (rotated) is read again from its start. With
+    `carriage_returns`, a `\\r` ends a line too (progress bars redraw with it)."""
+
+    def __init__(self, path: Path, offset: int, carriage_returns: bool = False, limit: int | None = None) -> None:
+        self.path = path
+        self.offset = offset
+        self.carriage_returns = carriage_returns
+        self.limit = limit  # bytes a read takes at most
+        self._partial = b""
+
+    def read(self) -> list[bytes]:
+        try:
+            size = self.path.stat().st_size
+            if size < self.offset:
+                self.offset = 0
+            if size == self.offset:
+                return []
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset if self.limit is None else min(size - self.offset, self.limit))
+        except OSError:
+            return []
+        self.offset += len(data)
+        data = self._partial + data
+        if self.carriage_returns:
+            data = data.replace(b"\r", b"\n")
+        *lines, self._partial = data.split(b"\n")
+        return lines
+
+
 class LoadProgress:
     """How far a loading process is, from what it wrote to its log since it started (the
     driver knows its markers) and, for a model loaded before, the time its last load took."""
 
     def __init__(self, path: Path, offset: int, marker: Callable[[str], float | None]) -> None:
-        self.path = path
-        self.offset = offset
+        self.lines = NewLines(path, offset, carriage_returns=True, limit=256 * 1024)
         self.marker = marker
         self.value = 0.0
-        self._partial = b""
         self._read_at = -1.0
 
     def read(self, elapsed: float, expected_s: float | None) -> float:
         if elapsed - self._read_at < 0.1:  # ten reads a second are plenty
             return round(self.value, 2)
         self._read_at = elapsed
-        with contextlib.suppress(OSError), self.path.open("rb") as f:
-            f.seek(self.offset)
-            data = f.read(256 * 1024)
-            self.offset += len(data)
-            *lines, self._partial = (self._partial + data).replace(b"\r", b"\n").split(b"\n")
-            for line in lines:
-                found = self.marker(line.decode(errors="replace"))
-                if found is not None:
-                    self.value = max(self.value, found)
+        for line in self.lines.read():
+            found = self.marker(line.decode(errors="replace"))
+            if found is not None:
+                self.value = max(self.value, found)
         if expected_s:  # smooth between markers: never past 0.95 on time alone
             self.value = max(self.value, min(0.95, elapsed / expected_s))
         return round(self.value, 2)

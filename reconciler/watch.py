@@ -29,7 +29,6 @@ import psutil
 from watchfiles import awatch
 
 from reconciler import last_good, memory
-from reconciler.demand import Usage
 from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
 from reconciler.memory import MeasuredMemory
@@ -121,31 +120,13 @@ class Reconciler:
             for t in (i.retry_at, i.failed_update.retry_at if i.failed_update else None)
             if t and t > now
         ]
-        due += [t for t in self._idle_deadlines() if t > now]
+        if self.spec is not None:
+            idle = (self.store.idle_at(n, m.idle_unload_s) for n, m in self.spec.on_demand.items())
+            due += [t for t in idle if t is not None and t > now]
         waits = [RESYNC_S, *(t - now for t in due)]
         if self._due is not None:
             waits.append(self._due - time.monotonic())
         return max(0.01, min(waits))
-
-    def _idle_deadlines(self) -> list[float]:
-        """When each resident on-demand model reaches its idle_unload_s (if nothing uses it)."""
-        if self.spec is None:
-            return []
-        return [
-            record.last_used + model.idle_unload_s
-            for name, model in self.spec.on_demand.items()
-            if model.idle_unload_s is not None
-            and name in self.store.models
-            and (record := self.store.demand_of(name)).last_used is not None
-        ]
-
-    def usage(self, spec: Spec) -> dict[str, Usage]:
-        """The on-demand models' usage as the proxy recorded it, with requests in flight now."""
-        ports = {n: i.port for n, i in self.store.models.items()}
-        return {
-            name: self.store.demand_of(name).usage(self.executor.inflight.get(ports.get(name) or 0, 0))
-            for name in spec.on_demand
-        }
 
     async def _watch_file(self) -> None:
         async for changes in awatch(
@@ -188,7 +169,7 @@ class Reconciler:
             server_view(self.spec.server) if self.spec else None,  # adopted when the file settled
             os.cpu_count() or 1,
             psutil.virtual_memory().total,
-            self.usage(spec),
+            {name: self.store.usage(name, self.executor.inflight) for name in spec.on_demand},
             time.time(),
         )
 

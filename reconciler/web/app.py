@@ -29,7 +29,7 @@ from reconciler.plan import server_view
 from reconciler.spec import Spec
 from reconciler.state import ModelState
 from reconciler.store import StateStore
-from reconciler.supervisor import read_tail
+from reconciler.supervisor import NewLines, read_tail
 from reconciler.web import metrics
 from reconciler.web.proxy import Proxy, openai_error
 
@@ -63,11 +63,6 @@ def _loopback(request: Request) -> bool:
         return host in ("localhost", "testclient")
 
 
-def inflight_of(store: StateStore, inflight: dict[int, int], name: str) -> int:
-    info = store.models.get(name)
-    return inflight.get(info.port, 0) if info is not None and info.port is not None else 0
-
-
 def on_demand_json(store: StateStore, spec: Spec) -> list[dict[str, Any]]:
     """Each on-demand model: resident or standby, its last use, the idle countdown, and why it
     was last loaded or unloaded."""
@@ -76,11 +71,7 @@ def on_demand_json(store: StateStore, spec: Spec) -> list[dict[str, Any]]:
     for name, model in spec.on_demand.items():
         record = store.demand_of(name)
         info = store.models.get(name)
-        idle_at = (
-            record.last_used + model.idle_unload_s
-            if info is not None and record.last_used is not None and model.idle_unload_s is not None
-            else None
-        )
+        idle_at = store.idle_at(name, model.idle_unload_s)
         out.append(
             {
                 "name": name,
@@ -138,9 +129,7 @@ def status_json(
         if spec
         else [],
         "on_demand_models": on_demand_json(store, spec) if spec else [],
-        "demand": {n: store.demand_of(n).usage(inflight_of(store, inflight, n)).to_json() for n in spec.on_demand}
-        if spec
-        else {},
+        "demand": {n: store.usage(n, inflight).to_json() for n in spec.on_demand} if spec else {},
         "host": {"ram_total_bytes": psutil.virtual_memory().total},
         "server": server_view(spec.server) if spec else None,
         "spec_error": store.spec_error,
@@ -273,19 +262,10 @@ def create_app(
 async def _follow(store: StateStore, path: Path) -> AsyncIterator[bytes]:
     """New lines of a log file as SSE `data:` frames (from its end; a rotated file from its start)."""
     yield b"retry: 2000\n\n"
-    offset = path.stat().st_size if path.exists() else 0
-    partial = b""
+    new = NewLines(path, path.stat().st_size if path.exists() else 0)
     idle = 0.0
     while not store.closed:
-        size = path.stat().st_size if path.exists() else 0
-        if size < offset:  # rotated or truncated
-            offset = 0
-        if size > offset:
-            with path.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read(size - offset)
-            offset = size
-            *lines, partial = (partial + chunk).split(b"\n")
+        if lines := new.read():
             for line in lines:
                 yield b"data: " + line.replace(b"\r", b"") + b"\n\n"
             idle = 0.0
