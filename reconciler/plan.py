@@ -286,9 +286,10 @@ def plan(spec: Spec, observed: Observed) -> Plan:
     actions: list[Action] = []
     notes: list[str] = []
     drift: list[Drift] = []
-    rooms, errors = _check_placement(spec, observed)
+    devices = _devices(spec, observed)
+    rooms, errors = _check_placement(spec, observed, devices)
     decision = _decide(spec, observed, rooms) if spec.on_demand else Decision()
-    budgets = _budgets(spec, observed, rooms, decision)
+    budgets = _budgets(spec, observed, devices, rooms, decision)
     wanted = {**spec.loaded, **{n: spec.models[n] for n in decision.keep}}
     max_restarts = spec.server.max_restarts
     for name in sorted(set(observed.models) - set(wanted)):
@@ -493,12 +494,13 @@ def _devices(spec: Spec, observed: Observed) -> dict[str, tuple[str, int, int, i
     return out
 
 
-def _check_placement(spec: Spec, observed: Observed) -> tuple[dict[str, Room], list[str]]:
+def _check_placement(
+    spec: Spec, observed: Observed, devices: Mapping[str, tuple[str, int, int, int]]
+) -> tuple[dict[str, Room], list[str]]:
     """Refuse GPU indices that do not exist, pinned models that do not fit their devices, on-demand
     models that could never fit beside them, and too few ports. Returns each device's room."""
     errors: list[str] = []
     by_index = {g.index: g for g in observed.gpus}
-    devices = _devices(spec, observed)
     pinned: dict[str, dict[str, int]] = {}
     for name, model in spec.served.items():
         missing = [i for i in model.gpus if i not in by_index]
@@ -562,9 +564,14 @@ def label(device: str) -> str:
     return "CPU RAM" if device == "cpu" else f"GPU {device.removeprefix('gpu')}"
 
 
-def _budgets(spec: Spec, observed: Observed, rooms: Mapping[str, Room], decision: Decision) -> list[dict[str, Any]]:
+def _budgets(
+    spec: Spec,
+    observed: Observed,
+    devices: Mapping[str, tuple[str, int, int, int]],
+    rooms: Mapping[str, Room],
+    decision: Decision,
+) -> list[dict[str, Any]]:
     """Each device a model is placed on: its budget, what pinned and resident on-demand models take."""
-    devices = _devices(spec, observed)
     used = {d for m in spec.served.values() for d in devices_of(m.gpus)}
     out = []
     for device, room in rooms.items():
