@@ -98,11 +98,15 @@ def test_load_progress_from_each_backends_own_output(tmp_path: Path) -> None:
     log.write_bytes(b"Loading safetensors checkpoint shards: 100% Completed | 2/2\n")  # an earlier run
     watch = LoadProgress(log, log.stat().st_size, vllm.progress)
     assert watch.read(0.0, None) == 0.0
+    assert not watch.marked
     with log.open("ab") as f:
         f.write(b"Loading safetensors checkpoint shards:   0% Completed\rLoading safetensors checkpoint shards: ")
     assert watch.read(0.2, None) == 0.1  # the half-written line waits for its end
+    assert watch.marked  # a marker: readiness is worth asking for now (the supervisor clears it)
+    watch.marked = False
     with log.open("ab") as f:
         f.write(b" 50% Completed | 1/2\r")
     assert watch.read(0.4, None) == 0.35
+    assert watch.marked
     assert watch.read(9.0, 10.0) == 0.9  # time since the start against the last load's 10 s
     assert watch.read(50.0, 10.0) == 0.95  # time alone never claims it is done

@@ -251,3 +251,34 @@ def test_reload_drains_a_stream_in_flight(daemon: Daemon) -> None:
     daemon.converged(generation)
     assert daemon.model("smollm2")["pid"] != old_pid  # type: ignore[index]
     chat(daemon)
+
+
+@pytest.mark.parametrize("way", ["setpriv", "pre-exec hook"])
+def test_both_ways_of_setting_the_death_signal_kill_the_child_with_its_parent(way: str) -> None:
+    from reconciler.supervisor import pdeathsig_launcher
+
+    launcher = pdeathsig_launcher() if way == "setpriv" else ()
+    if way == "setpriv" and not launcher:
+        pytest.skip("util-linux setpriv with --pdeathsig is not available here")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import asyncio, subprocess, sys, time\n"
+            "from reconciler.supervisor import spawn_dying_with_us\n"
+            "async def main():\n"
+            f"    child = await spawn_dying_with_us(['sleep', '300'], {launcher!r}, subprocess.DEVNULL, {{}})\n"
+            "    print(child.pid, flush=True)\n"
+            "    await asyncio.sleep(300)\n"
+            "asyncio.run(main())\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    time.sleep(0.1)  # past the launcher's exec
+    assert pid_alive(pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not pid_alive(pid), f"the child outlived its killed parent ({way})"
