@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import httpx
+import psutil
 from conftest import Daemon
 from lifetimes import alive_at_most
 from slow_backend import write_slow_backend
@@ -149,3 +150,29 @@ def test_a_waiting_request_sees_the_load_progress(daemon: Daemon) -> None:
     assert len(seen) >= 2 and max(seen) >= 0.35, seen  # it moved while the request waited
     steps = [e["data"]["progress"] for e in daemon.events() if e["kind"] == "progress" and e["data"]["model"] == "slow"]
     assert steps == sorted(steps) and steps[-1] >= 0.45, steps  # 25, 50, 75 % of the shards
+
+
+def test_a_killed_on_demand_backend_is_reported_restarted_and_never_doubled(daemon: Daemon) -> None:
+    """kill -9 of a resident on-demand model: ERROR with the signal, a crash event, restarted
+    after the backoff (it was in use), serving again; a request in the backoff is answered
+    at once with the crash and when it retries; never two processes of the model."""
+    daemon.launch(spec(), header=False)
+    assert ask(daemon.url, "a").status_code == 200
+    pid = daemon.model("a")["pid"]  # type: ignore[index]
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+    status = daemon.until(lambda s: daemon.model("a")["state"] == "ERROR", 10, "the crash")  # type: ignore[index]
+    crashed = next(m for m in status["loaded_models"] if m["name"] == "a")
+    assert "SIGKILL" in crashed["error_message"] and crashed["failures"] == 1
+    during = ask(daemon.url, "a")
+    if during.status_code == 503:  # inside the backoff: the reason and when to come back
+        assert "SIGKILL" in during.json()["error"]["message"] and during.headers["retry-after"]
+    else:
+        assert during.status_code == 200, during.text
+    daemon.until(lambda s: daemon.model("a")["state"] == "LOADED", 20, "the restart")  # type: ignore[index]
+    assert daemon.model("a")["pid"] != pid  # type: ignore[index]
+    assert ask(daemon.url, "a").status_code == 200 and ask(daemon.url, "pinned").status_code == 200
+    assert any(e["kind"] == "state" and e["data"]["model"] == "a" and e["data"]["to"] == "ERROR"
+               for e in daemon.events())
+    assert daemon.proc is not None
+    backends = [c.cmdline() for c in psutil.Process(daemon.proc.pid).children(recursive=True)]
+    assert sum(argv[argv.index("--alias") + 1] == "a" for argv in backends if "--alias" in argv) == 1
