@@ -9,13 +9,13 @@ several names).
    time to the answer of a request for a model that is not resident (it went idle). Swap
    overhead = that - the round's start→ready - its first request (goal: p50 <= 100 ms).
 3. Alternating between two models with room for one, xgen (`max_loaded: 1`) beside
-   `llama-server --models-dir DIR --models-max 1` from the same build: p50 request-to-answer on a
-   swap (goal: xgen at or below the router).
+   `llama-server --models-dir DIR --models-max 1` from the same build, both up at once and their
+   swaps taking turns: p50 request-to-answer on a swap (goal: xgen at or below the router).
 4. Mixed load: REQUESTS requests from several clients spread over three on-demand models with a
    CPU budget that holds two: failed requests (goal 0), evictions and their reasons, the most
    processes alive at once (<= 2) and of one model (1).
 
-Usage: python benchmarks/swap.py [--rounds 20] [--requests 500] [--clients 6]
+Usage: python benchmarks/swap.py [--rounds 20] [--requests 500] [--clients 6] [--parts cold,alternate,mixed]
 """
 
 from __future__ import annotations
@@ -114,27 +114,8 @@ def cold(work: Path, model: Path, rounds: int) -> tuple[list[float], list[float]
     return ready, first, through
 
 
-def alternate_xgen(work: Path, model: Path, rounds: int) -> list[float]:
-    d = Daemon(work, 23040)
-    d.head = d.head.replace("stop_grace_s: 5}", "stop_grace_s: 5, max_loaded: 1}")
-    d.save_spec(f"defaults: {{n_ctx: {N_CTX}, llama: {{threads: {THREADS}}}}}\nmodels:\n"
-                f"  a: {{path: {model}, desired: on_demand}}\n  b: {{path: {model}, desired: on_demand}}\n")
-    d.start()
-    d.converged()
-    try:
-        with httpx.Client(timeout=60) as http:
-            ask(http, d.url, "a")
-            times = []
-            for i in range(rounds):
-                seconds, code = ask(http, d.url, "ab"[(i + 1) % 2])
-                assert code == 200, code
-                times.append(seconds)
-    finally:
-        d.stop()
-    return times
-
-
-def alternate_router(work: Path, model: Path, rounds: int) -> list[float]:
+def start_router(work: Path, model: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """llama.cpp's own router from the same build, with room for one model of two."""
     models = work / "router-models"
     models.mkdir()
     for name in ("a", "b"):
@@ -146,24 +127,45 @@ def alternate_router(work: Path, model: Path, rounds: int) -> list[float]:
                              "-c", str(N_CTX), "-t", str(THREADS)], stdout=(work / "router.log").open("ab"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    with httpx.Client(timeout=60) as http:
+        while True:
+            try:
+                if http.get(f"{url}/health").status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                time.sleep(0.01)
+
+
+def alternate(work: Path, model: Path, rounds: int) -> list[tuple[float | None, float | None]]:
+    """xgen (`max_loaded: 1`) and the router side by side, each alternating between two models:
+    every request a swap. Their swaps take turns (the order flips every round), so both see the
+    same machine at nearly the same moment. Per round: (xgen, router) seconds, None if not 200."""
+    d = Daemon(work, 23040)
+    d.head = d.head.replace("stop_grace_s: 5}", "stop_grace_s: 5, max_loaded: 1}")
+    d.save_spec(f"defaults: {{n_ctx: {N_CTX}, llama: {{threads: {THREADS}}}}}\nmodels:\n"
+                f"  a: {{path: {model}, desired: on_demand}}\n  b: {{path: {model}, desired: on_demand}}\n")
+    d.start()
+    router, router_url = start_router(work, model)
+    rows: list[tuple[float | None, float | None]] = []
     try:
+        d.converged()
         with httpx.Client(timeout=60) as http:
-            while True:
-                try:
-                    if http.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.01)
-            ask(http, url, "a")
-            times = []
+            ask(http, d.url, "a")
+            ask(http, router_url, "a")
             for i in range(rounds):
-                seconds, code = ask(http, url, "ab"[(i + 1) % 2])
-                if code == 200:  # the router's failures are printed, not timed
-                    times.append(seconds)
+                name = "ab"[(i + 1) % 2]
+                row: dict[str, float | None] = {}
+                for tool in ("xgen", "router") if i % 2 == 0 else ("router", "xgen"):
+                    seconds, code = ask(http, d.url if tool == "xgen" else router_url, name)
+                    row[tool] = seconds if code == 200 else None
+                    if code != 200:
+                        print(f"   ({tool}: {name} answered {code})")
+                rows.append((row["xgen"], row["router"]))
     finally:
-        proc.terminate()
-        proc.wait()
-    return times
+        router.terminate()
+        router.wait()
+        d.stop()
+    return rows
 
 
 def mixed(work: Path, model: Path, requests: int, clients: int) -> dict[str, object]:
@@ -207,42 +209,52 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--parts", default="cold,alternate,mixed", help="which of them to run (default: all)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     model = default_model_path()
     work = Path(tempfile.mkdtemp(prefix="xgen-swap-"))
     print(f"llama-server with {model.name}, n_ctx {N_CTX}, {THREADS} thread(s); {os.cpu_count()} cores; work in {work}")
 
-    (work / "cold").mkdir()
-    ready, warm, through = cold(work / "cold", model, args.rounds)
-    overhead = [t - r - w for t, r, w in zip(through, ready, warm, strict=True)]
-    print("\n1. the engine by hand (the floor), each round beside 2.")
-    print(f"   start → /health 200     p50 {ms(p(ready, .5))}  p90 {ms(p(ready, .9))}")
-    print(f"   first request           p50 {ms(p(warm, .5))}  p90 {ms(p(warm, .9))}")
-    print("\n2. a request for a model that is not resident, through xgen (room to spare)")
-    print(f"   request → answer        p50 {ms(p(through, .5))}  p90 {ms(p(through, .9))}")
-    print(f"   swap overhead           p50 {ms(p(overhead, .5))}  p90 {ms(p(overhead, .9))}   (goal p50 <= 100 ms; "
-          "per round: xgen - that round's start→ready - first request)")
+    if "cold" in parts:
+        (work / "cold").mkdir()
+        ready, warm, through = cold(work / "cold", model, args.rounds)
+        overhead = [t - r - w for t, r, w in zip(through, ready, warm, strict=True)]
+        print("\n1. the engine by hand (the floor), each round beside 2.")
+        print(f"   start → /health 200     p50 {ms(p(ready, .5))}  p90 {ms(p(ready, .9))}")
+        print(f"   first request           p50 {ms(p(warm, .5))}  p90 {ms(p(warm, .9))}")
+        print("\n2. a request for a model that is not resident, through xgen (room to spare)")
+        print(f"   request → answer        p50 {ms(p(through, .5))}  p90 {ms(p(through, .9))}")
+        print(f"   swap overhead           p50 {ms(p(overhead, .5))}  p90 {ms(p(overhead, .9))}   (goal p50 <= 100 ms; "
+              "per round: xgen - that round's start→ready - first request)")
 
-    (work / "alt").mkdir()
-    ours = alternate_xgen(work / "alt", model, args.rounds)
-    router = alternate_router(work, model, args.rounds)
-    print("\n3. alternating two models, room for one (every request a swap)")
-    print(f"   llama-server router     p50 {ms(p(router, .5))}  p90 {ms(p(router, .9))}")
-    print(f"   xgen                    p50 {ms(p(ours, .5))}  p90 {ms(p(ours, .9))}   "
-          f"ratio {p(ours, .5) / p(router, .5):.2f}x (goal <= 1.00x)")
+    if "alternate" in parts:
+        (work / "alt").mkdir()
+        rows = alternate(work / "alt", model, args.rounds)
+        ours = [x for x, _ in rows if x is not None]
+        router = [r for _, r in rows if r is not None]
+        differences = [x - r for x, r in rows if x is not None and r is not None]
+        print("\n3. alternating two models, room for one (every request a swap, the two tools taking turns)")
+        print(f"   llama-server router     p50 {ms(p(router, .5))}  p90 {ms(p(router, .9))}   "
+              f"({args.rounds - len(router)} failed)")
+        print(f"   xgen                    p50 {ms(p(ours, .5))}  p90 {ms(p(ours, .9))}   "
+              f"({args.rounds - len(ours)} failed)   ratio {p(ours, .5) / p(router, .5):.2f}x (goal <= 1.00x)")
+        print(f"   xgen - router, per round p50 {ms(p(differences, .5))}  (the same moment's swap on each: "
+              "less noise than the ratio)")
 
-    (work / "mixed").mkdir()
-    m = mixed(work / "mixed", model, args.requests, args.clients)
-    evictions = m["evictions"]
-    assert isinstance(evictions, list)
-    reasons = {e["cause"] for e in evictions}
-    print(f"\n4. {args.requests} requests from {args.clients} clients over three models, a CPU budget of "
-          f"{m['budget'] / 2**20:.0f} MiB (holds two of {m['one'] / 2**20:.0f} MiB)")
-    print(f"   failed {m['failed']} (goal 0); loads {m['loads']}; unloads {len(evictions)} (causes: "
-          f"{', '.join(sorted(reasons)) or 'none'}); most alive at once {m['alive'][0]} (goal <= 2), "
-          f"of one model {m['alive'][1]} (goal 1); {m['wall_s']:.1f} s")
-    unexplained = [e for e in evictions if e["cause"] == "evict" and not e["reason"].startswith("evicted for ")]
-    print(f"   evictions without a reason: {len(unexplained)}; e.g. {evictions[0]['reason'] if evictions else '-'}")
+    if "mixed" in parts:
+        (work / "mixed").mkdir()
+        m = mixed(work / "mixed", model, args.requests, args.clients)
+        evictions = m["evictions"]
+        assert isinstance(evictions, list)
+        reasons = {e["cause"] for e in evictions}
+        print(f"\n4. {args.requests} requests from {args.clients} clients over three models, a CPU budget of "
+              f"{m['budget'] / 2**20:.0f} MiB (holds two of {m['one'] / 2**20:.0f} MiB)")
+        print(f"   failed {m['failed']} (goal 0); loads {m['loads']}; unloads {len(evictions)} (causes: "
+              f"{', '.join(sorted(reasons)) or 'none'}); most alive at once {m['alive'][0]} (goal <= 2), "
+              f"of one model {m['alive'][1]} (goal 1); {m['wall_s']:.1f} s")
+        unexplained = [e for e in evictions if e["cause"] == "evict" and not e["reason"].startswith("evicted for ")]
+        print(f"   evictions without a reason: {len(unexplained)}; e.g. {evictions[0]['reason'] if evictions else '-'}")
 
 
 if __name__ == "__main__":
