@@ -138,6 +138,8 @@ def estimate(
 ) -> dict[str, int] | None:
     """Bytes on each device of the model's placement (`gpu0` …, or `cpu` for RAM), or None
     when unknown."""
+    if backend == "remote":
+        return {}  # served elsewhere: nothing here
     devices = devices_of(model.gpus)
     if backend == "llama-server" and gguf is not None:
         if not model.gpus:

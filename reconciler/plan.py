@@ -31,7 +31,21 @@ _ORDER: dict[str, int] = {
 # Backends that add and remove LoRA adapters at run time (vLLM with runtime updating enabled).
 RUNTIME_ADAPTERS = frozenset({"vllm"})
 # Fields whose change never needs the process restarted: routing reads them from the spec.
-NO_RESTART = frozenset({"aliases", "desired", "idle_unload_s", "ready_timeout_s", "replace"})
+NO_RESTART = frozenset(
+    {
+        "aliases",
+        "desired",
+        "idle_unload_s",
+        "ready_timeout_s",
+        "replace",
+        # request policy: the proxy reads it from the spec on every request
+        "max_concurrent",
+        "max_queue",
+        "queue_timeout_s",
+        "params",
+        "variants",
+    }
+)
 # Server settings that only a restart of `xgen serve` changes (where it listens, keeps state).
 DAEMON_RESTART = frozenset({"host", "port", "state_dir"})
 
@@ -409,6 +423,8 @@ def replace_strategy(
     both at once on the model's devices, else recreate (stop, then start). With the reason."""
     if want.replace == "recreate":
         return "recreate", "recreate: replace: recreate"
+    if "remote" in (want.backend, have.backend):
+        return "recreate", "recreate: nothing runs here (a remote model is checked again)"
     if have.state != ModelState.LOADED:
         return "recreate", f"recreate: nothing serves now ({have.state.value})"
     if want.port is not None or have.spec.port is not None:
@@ -599,6 +615,25 @@ def _budgets(
 # ---------------------------------------------------------------- rendering
 
 
+def _launch_line(name: str, spec: ModelSpec) -> str:
+    """What a load starts (or, for a remote model, where it reaches), with its request policy."""
+    if spec.backend == "remote":
+        line = f"{spec.url} as '{spec.remote_model or name}'" + (
+            f", key from ${spec.api_key_env}" if spec.api_key_env else ""
+        )
+    else:
+        device = ",".join(f"gpu:{g}" for g in spec.gpus) or "cpu"
+        line = f"{spec.source}  [{device}, n_ctx {spec.n_ctx}, n_gpu_layers {spec.n_gpu_layers}]"
+    policy = []
+    if spec.max_concurrent is not None:
+        policy.append(f"max_concurrent {spec.max_concurrent} (queue {spec.max_queue}, {spec.queue_timeout_s:g} s)")
+    if not spec.params.empty:
+        policy.append("params " + ", ".join(k for k in ("set", "default", "strip") if getattr(spec.params, k)))
+    if spec.variants:
+        policy.append("variants " + ", ".join(f"{name}:{v}" for v in spec.variants))
+    return line + (f"  ({'; '.join(policy)})" if policy else "")
+
+
 def render_text(p: Plan) -> str:
     """Terraform-style: + load, - unload, ~ reload or update in place with a field diff,
     → activate, ! drift, then a summary."""
@@ -628,8 +663,7 @@ def render_text(p: Plan) -> str:
         subject = a.model or ("server settings" if a.kind == "update" else "(none)")
         lines.append(f"  {symbols[a.kind]} {what} {subject}{target}: {a.reason}")
         if a.kind == "load" and a.spec is not None:
-            device = ",".join(f"gpu:{g}" for g in a.spec.gpus) or "cpu"
-            lines.append(f"      {a.spec.source}  [{device}, n_ctx {a.spec.n_ctx}, n_gpu_layers {a.spec.n_gpu_layers}]")
+            lines.append(f"      {_launch_line(a.model, a.spec)}")
         for change in a.changes:
             shown = Change(change.field, "(set)", "(changed)") if change.field == "server.api_key" else change
             lines.append(f"      ~ {shown}")

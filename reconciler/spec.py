@@ -31,7 +31,7 @@ MAX_ALIASED = 5_000  # values read again through an alias: a "billion laughs" fi
 # Plain YAML only: an explicit tag such as !!python/object is refused, never constructed.
 _TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "timestamp"))
 BACKENDS = ("llama-server", "vllm", "transformers")
-Backend = Literal["auto", "llama-server", "vllm", "transformers"]
+Backend = Literal["auto", "llama-server", "vllm", "transformers", "remote"]
 ServerType = Literal["llm", "embedding", "rerank"]
 Desired = Literal["loaded", "on_demand", "unloaded"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
@@ -113,6 +113,9 @@ class ServerSettings(_Strict):
     max_loaded: int | None = Field(
         None, ge=1, description="Most models resident at once, pinned and on-demand together; null: no limit."
     )
+    remote_check_s: float = Field(
+        10.0, gt=0, description="How often a remote model's server is asked for its model list (health)."
+    )
     unknown_model: Literal["reject", "active"] = Field(
         "reject",
         description="A /v1 request naming a model xgen does not serve: `reject` answers 404 model_not_found, "
@@ -188,6 +191,24 @@ class LoraAdapter(_Strict):
     scale: float = Field(1.0, description="Adapter scale (llama-server).")
 
 
+class ParamRules(_Strict):
+    """Request parameters a model's rules change on their way to the backend (never `model`)."""
+
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters forced to these values, whatever the client sent."
+    )
+    default: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters filled in only where the client left them out."
+    )
+    strip: list[str] = Field(
+        default_factory=list, description="Parameters removed (a dotted path reaches into an object: `a.b`)."
+    )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.set or self.default or self.strip)
+
+
 def _check_gpu_index(value: Any) -> Any:
     ok = (
         value is None
@@ -241,6 +262,34 @@ class ModelSpec(_Strict):
     transformers: TransformersOptions = Field(default_factory=TransformersOptions)
     lora: list[LoraAdapter] = Field(default_factory=list)
     extra_args: list[str] = Field(default_factory=list, description="More backend flags (not ones xgen manages).")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Requests sent to this model at once (null: no limit); more wait in its queue."
+    )
+    max_queue: int = Field(
+        32, ge=0, description="Requests that may wait for a turn, in arrival order; past it, 429 at once."
+    )
+    queue_timeout_s: float = Field(30.0, gt=0, description="How long a request waits for a turn before 429.")
+    params: ParamRules = Field(
+        default_factory=ParamRules, description="Parameter rules applied to every request for this model."
+    )
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named parameter sets: `name:variant` (or `alias:variant`) reaches this model with those "
+        "parameters set, e.g. `high: {reasoning_effort: high}`. Changing one never restarts the model.",
+    )
+    url: str | None = Field(
+        None,
+        description="backend: remote: the OpenAI-compatible base URL of a model served elsewhere (another xgen, "
+        "a provider), up to /v1, e.g. http://box2:8000/v1.",
+    )
+    remote_model: str | None = Field(
+        None, description="backend: remote: the model's name there (default: its name here)."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="backend: remote: the environment variable holding its API key (sent as a Bearer token; the "
+        "key itself never appears in the file, status, the plan or logs).",
+    )
 
     @field_validator("gpu_index", mode="before")
     @classmethod
@@ -301,7 +350,16 @@ class Spec(_Strict):
             return name
         return next((n for n, m in self.models.items() if name in m.aliases), None)
 
+    def resolve_variant(self, requested: str) -> tuple[str, str] | None:
+        """(model, variant) for `name:variant` or `alias:variant`, or None."""
+        base, colon, variant = requested.rpartition(":")
+        name = self.resolve(base) if colon else None
+        if name is not None and variant in self.models[name].variants:
+            return name, variant
+        return None
 
+
+_VARIANT = re.compile(r"[A-Za-z0-9._-]+")
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -667,6 +725,13 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
             ports[model.port] = name
         for problem in source_problems(model):
             reader.problem((*at, problem[0]), problem[1])
+        for loc, message in policy_problems(model):
+            reader.problem((*at, *loc), message)
+        if model.api_key_env is not None and not reader.env.get(model.api_key_env):
+            reader.problem(
+                (*at, "api_key_env"),
+                f"environment variable {model.api_key_env} is not set: xgen reads the key for '{name}' from it",
+            )
         for i, arg in enumerate(model.extra_args):
             flag = arg.split("=", 1)[0]
             if flag in MANAGED_FLAGS:
@@ -687,6 +752,15 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
                 reader.problem(
                     (*at, "lora", i, "name"), f"adapter name '{adapter.name}' is already a model, alias or adapter name"
                 )
+    taken = {*spec.models, *owner, *(a.name for m in spec.models.values() for a in m.lora)}
+    for name, model in spec.models.items():
+        for variant in model.variants:
+            for base in (name, *model.aliases):
+                if f"{base}:{variant}" in taken:
+                    reader.problem(
+                        ("models", name, "variants", variant),
+                        f"'{base}:{variant}' is already a model, alias or adapter name; rename the variant",
+                    )
     if spec.active is not None:
         target = spec.resolve(spec.active)
         if target is None and (spec.active in invalid or any(spec.active in a for a in invalid.values())):
@@ -709,7 +783,12 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
 
 
 def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
-    """Pure checks of path/hf_id against the backend: (field, message) pairs."""
+    """Pure checks of path/hf_id (or url) against the backend: (field, message) pairs."""
+    if model.backend == "remote":
+        return remote_problems(model)
+    for field in ("url", "remote_model", "api_key_env"):
+        if getattr(model, field) is not None:
+            return [(field, f"'{field}' is for models served elsewhere: set backend: remote, or remove it")]
     if (model.path is None) == (model.hf_id is None):
         return [("path", "set exactly one of 'path' (a local file or directory) or 'hf_id'")]
     if model.backend == "llama-server" and model.hf_id is not None:
@@ -730,6 +809,38 @@ def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
             )
         ]
     return []
+
+
+def remote_problems(model: ModelSpec) -> list[tuple[str, str]]:
+    """A remote model is reached at `url`; xgen neither starts nor places it."""
+    if model.url is None:
+        return [("url", "backend: remote needs `url`, the base URL of an OpenAI-compatible API (…/v1)")]
+    if not model.url.startswith(("http://", "https://")):
+        return [("url", f"found '{model.url}', expected an http:// or https:// URL")]
+    if model.path is not None or model.hf_id is not None:
+        return [("path" if model.path else "hf_id", "a remote model has no local weights: remove it, or the backend")]
+    if model.desired == "on_demand":
+        return [("desired", "a remote model is not loaded by xgen: use desired: loaded (routed) or unloaded")]
+    if model.gpu_index is not None:
+        return [("gpu_index", "a remote model runs elsewhere: remove gpu_index")]
+    return []
+
+
+def policy_problems(model: ModelSpec) -> list[tuple[Loc, str]]:
+    """Parameter rules and variants: `model` stays the client's, variant names are plain."""
+    found: list[tuple[Loc, str]] = []
+    for rule in ("set", "default"):
+        if "model" in getattr(model.params, rule):
+            found.append((("params", rule, "model"), "`model` is routed by xgen: it cannot be set by a rule"))
+    for i, key in enumerate(model.params.strip):
+        if key == "model" or not key:
+            found.append((("params", "strip", i), "`model` (or an empty name) cannot be stripped"))
+    for variant, values in model.variants.items():
+        if not _VARIANT.fullmatch(variant):
+            found.append((("variants", variant), f"found '{variant}': a variant name is letters, digits, . _ -"))
+        if "model" in values:
+            found.append((("variants", variant, "model"), "`model` is routed by xgen: a variant cannot set it"))
+    return found
 
 
 # ---------------------------------------------------------------- load (host checks)

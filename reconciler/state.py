@@ -80,6 +80,8 @@ class ModelInfo:
 
     @property
     def endpoint(self) -> str | None:
+        if self.backend == "remote":
+            return self.spec.url
         return f"http://127.0.0.1:{self.port}/v1" if self.port else None
 
     @property
@@ -89,6 +91,8 @@ class ModelInfo:
 
     @property
     def device(self) -> str:
+        if self.backend == "remote":
+            return "remote"
         gpus = self.spec.gpus
         return "cpu" if not gpus else ",".join(f"gpu:{g}" for g in gpus)
 

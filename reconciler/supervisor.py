@@ -40,6 +40,7 @@ log = logging.getLogger("xgen.supervisor")
 LOG_ROTATE_BYTES = 10 * 2**20
 TAIL_LINES = 20
 LEFTOVER_GRACE_S = 5.0  # what a crashed backend's own children get before SIGKILL
+REMOTE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,8 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.last_port: dict[str, int] = {}  # a model keeps its port across restarts while it is free
         self.launcher = pdeathsig_launcher()
+        self.remote_checks: dict[str, asyncio.Task[None]] = {}  # remote models: their periodic check
+        self.remote_check_s = 10.0  # the reconciler sets it from the spec every pass
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         (state_dir / "pids").mkdir(parents=True, exist_ok=True)
         # no keep-alive: llama-server waits for open connections when it stops (122 ms with one)
@@ -231,6 +234,8 @@ class Supervisor:
                 retry_at=None,
             )
         t0 = time.monotonic()
+        if backend == "remote":
+            return await self._connect(name, model, failures, t0)
         spawned = await self._spawn(name, name, model, backend, prev_port)
         if isinstance(spawned, str):
             return self._fail(name, failures, spawned)
@@ -251,6 +256,56 @@ class Supervisor:
         child.watcher = asyncio.get_running_loop().create_task(self._watch(name, child))
         self.store.transition(name, ModelState.LOADED, f"ready in {time.monotonic() - t0:.2f} s")
         return True
+
+    async def _connect(self, name: str, model: ModelSpec, failures: int, t0: float) -> bool:
+        """A remote model: nothing to start. LOADED once its server lists it, then checked every
+        server.remote_check_s; a failed check is ERROR with the reason, retried with the backoff."""
+        why = await self.probe_remote(name, model)
+        if why is not None:
+            return self._fail(name, failures, why)
+        self.store.update(name, started_at=time.time())
+        self.remote_checks[name] = asyncio.get_running_loop().create_task(self._watch_remote(name, model))
+        self.store.transition(name, ModelState.LOADED, f"{model.url} answered in {time.monotonic() - t0:.2f} s")
+        return True
+
+    async def probe_remote(self, name: str, model: ModelSpec) -> str | None:
+        """None when the remote's model list (`GET {url}/models`) names the model, else why not.
+        Never says the key: only which variable holds it."""
+        url = f"{(model.url or '').rstrip('/')}/models"
+        headers = {}
+        if model.api_key_env and (key := os.environ.get(model.api_key_env)):
+            headers["Authorization"] = f"Bearer {key}"
+        try:
+            resp = await self._http.get(url, headers=headers, timeout=REMOTE_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            return f"cannot reach {url}: {type(exc).__name__} {exc}".rstrip()
+        if resp.status_code in (401, 403):
+            held = f"the key in {model.api_key_env}" if model.api_key_env else "no key (set api_key_env)"
+            return f"{url} refused {held}: HTTP {resp.status_code}"
+        if resp.status_code != 200:
+            return f"{url} answered HTTP {resp.status_code}: {resp.text[:200]}"
+        try:
+            served = [str(m["id"]) for m in resp.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            return f"{url} did not answer an OpenAI model list"
+        wanted = model.remote_model or name
+        if wanted not in served:
+            return f"{url} does not serve '{wanted}' (it serves: {', '.join(served[:10]) or 'nothing'})"
+        return None
+
+    async def _watch_remote(self, name: str, model: ModelSpec) -> None:
+        while True:
+            await asyncio.sleep(self.remote_check_s)
+            why = await self.probe_remote(name, model)
+            if why is None:
+                continue
+            self.remote_checks.pop(name, None)
+            info = self.store.models[name]
+            up = time.time() - (info.started_at or time.time())
+            failures = 1 if up >= self.policy.reset_s else info.failures + 1
+            self._to_error(name, failures, why, ())
+            self.on_exit()
+            return
 
     async def surge(self, name: str, model: ModelSpec, backend: str) -> tuple[Child | None, str | None]:
         """Start `model` beside the running process and, once it is ready, make it the model's
@@ -426,6 +481,9 @@ class Supervisor:
             return
         if info.state is not ModelState.UNLOADING:
             self.store.transition(name, ModelState.UNLOADING, reason)
+        check = self.remote_checks.pop(name, None)
+        if check is not None:
+            check.cancel()
         child = self.children.get(name)
         if child is not None:
             t0 = time.monotonic()

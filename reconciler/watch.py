@@ -208,6 +208,7 @@ class Reconciler:
         if spec is None:
             return
         self.executor.supervisor.policy = RestartPolicy(spec.server.backoff_max_s, spec.server.backoff_reset_s)
+        self.executor.supervisor.remote_check_s = spec.server.remote_check_s
         if spec is self.spec:
             self._forget_abandoned_updates(spec)
         observed = await asyncio.to_thread(self.observe, spec)

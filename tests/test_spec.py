@@ -37,7 +37,8 @@ models:
     gpu_layers: 3
 """
     assert problems(text) == [
-        "m.yaml:4:5: models.qwen.backend: found 'vlm', expected one of: 'auto', 'llama-server', 'vllm', 'transformers'",
+        "m.yaml:4:5: models.qwen.backend: found 'vlm', expected one of: 'auto', 'llama-server', 'vllm', "
+        "'transformers', 'remote'",
         "m.yaml:5:5: models.qwen.n_ctx: found 'lots', expected an integer",
         "m.yaml:8:5: models.other.gpu_layers: unknown key 'gpu_layers' (did you mean 'n_gpu_layers'?)",
     ]

@@ -63,6 +63,20 @@ LATENCY = Histogram(
     registry=REGISTRY,
 )
 INFLIGHT = Gauge("xgen_proxy_inflight_requests", "/v1 requests in flight", ["model"], registry=REGISTRY)
+QUEUED = Gauge("xgen_queue_waiting", "/v1 requests waiting for a turn (max_concurrent)", ["model"], registry=REGISTRY)
+REJECTED = Counter(
+    "xgen_requests_rejected_total",
+    "/v1 requests answered 429: the queue was full, or no turn came within queue_timeout_s",
+    ["model", "reason"],
+    registry=REGISTRY,
+)
+QUEUE_SECONDS = Histogram(
+    "xgen_queue_wait_seconds",
+    "Time a /v1 request waited for a turn (max_concurrent)",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
 TOKENS = Counter("xgen_tokens_total", "Tokens reported by backends (usage)", ["model", "kind"], registry=REGISTRY)
 GPU_MEMORY = Gauge("xgen_gpu_memory_bytes", "GPU memory", ["gpu", "kind"], registry=REGISTRY)
 GPU_UTIL = Gauge("xgen_gpu_utilization_percent", "GPU utilisation", ["gpu"], registry=REGISTRY)

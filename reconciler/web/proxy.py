@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -23,12 +24,15 @@ from typing import Any
 import aiohttp
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from yarl import URL
 
-from reconciler.spec import Spec
+from reconciler.policy import apply_params
+from reconciler.spec import ModelSpec, Spec
 from reconciler.state import ModelInfo, ModelState
 from reconciler.store import StateStore
 from reconciler.web import metrics
 from reconciler.web.formfield import FormField, boundary_of
+from reconciler.web.gate import Gate
 
 HOP_HEADERS = {
     "connection",
@@ -81,7 +85,13 @@ def anthropic_error(response: JSONResponse) -> JSONResponse:
 @dataclass(frozen=True)
 class Route:
     model: str  # the xgen model that serves it
-    upstream_model: str  # what the backend is asked for (the model, or a LoRA adapter)
+    upstream_model: str  # what the backend is asked for (the model, a LoRA adapter, a remote's name)
+    variant: str | None = None  # `model:variant`: that parameter set applies
+
+
+def _to(spec: Spec, name: str, variant: str | None = None) -> Route:
+    model = spec.models.get(name)
+    return Route(name, (model.remote_model if model else None) or name, variant)
 
 
 def route(
@@ -94,25 +104,27 @@ def route(
     if requested:
         name = spec.resolve(requested)
         if name is not None:
-            return Route(name, name)
+            return _to(spec, name)
         for base, model in spec.models.items():
             if any(a.name == requested for a in model.lora):
                 return Route(base, requested)
+        if (variant := spec.resolve_variant(requested)) is not None:
+            return _to(spec, *variant)
         if spec.server.unknown_model == "reject":
             return unknown_model(spec, requested)
     kind = "embedding" if endpoint == "embeddings" else "rerank" if endpoint in RERANK else None
     if kind is not None:  # the one model of that kind, when the request names none
         fitting = [n for n, m in spec.served.items() if m.server_type == kind]
         if len(fitting) == 1:
-            return Route(fitting[0], fitting[0])
+            return _to(spec, fitting[0])
         running = [n for n in fitting if n in loaded and loaded[n].state is ModelState.LOADED]
         if len(running) == 1:
-            return Route(running[0], running[0])
+            return _to(spec, running[0])
         article = "an" if kind == "embedding" else "a"
         return f"name {article} {kind} model in `model`: {', '.join(fitting) or 'none configured'}"
     if active is None:
         return f"the request names no model and no active model is set; name one of: {served_names(spec)}"
-    return Route(active, active)
+    return _to(spec, active)
 
 
 def wrong_kind(server_type: str, endpoint: str) -> str | None:
@@ -130,9 +142,15 @@ def unknown_model(spec: Spec, requested: str) -> str:
 
 def served_names(spec: Spec, limit: int = 20) -> str:
     """Every name a request may use (models, aliases, adapters), shortened when long."""
-    names = [n for name, m in spec.models.items() for n in (name, *m.aliases, *(a.name for a in m.lora))]
+    names = [n for name, m in spec.models.items() for n in routable_names(name, m)]
     shown = ", ".join(names[:limit]) or "no models"
     return shown + (f" … and {len(names) - limit} more (GET /v1/models)" if len(names) > limit else "")
+
+
+def routable_names(name: str, model: ModelSpec) -> list[str]:
+    """The names a request may use for a model: its own, aliases, adapters, `name:variant`s."""
+    bases = [name, *model.aliases]
+    return [*bases, *(a.name for a in model.lora), *(f"{b}:{v}" for v in model.variants for b in bases)]
 
 
 def _clip(text: str, limit: int = 64) -> str:
@@ -148,36 +166,38 @@ class Proxy:
         self.store = store
         self.get_spec = get_spec  # () -> Spec | None: the spec the daemon runs
         self.inflight = inflight  # per backend port: a drain waits for its own process's requests
-        self.clients: dict[int, tuple[int | None, aiohttp.ClientSession]] = {}
+        self.clients: dict[str, tuple[int | None, aiohttp.ClientSession]] = {}  # by origin: (pid, pool)
+        self.gates: dict[str, Gate] = {}  # per model with max_concurrent
         self._closing: set[asyncio.Task[None]] = set()
         store.listeners.append(self._on_event)
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "drained" and isinstance(data.get("port"), int):
-            self._close(data["port"])  # nothing is in flight there: let its process stop at once
+            self._close(local(data["port"]))  # nothing is in flight there: let its process stop at once
 
-    def _close(self, port: int) -> None:
-        held = self.clients.pop(port, None)
+    def _close(self, origin: str) -> None:
+        held = self.clients.pop(origin, None)
         if held is not None and not held[1].closed:
             closing = asyncio.get_running_loop().create_task(held[1].close())
             self._closing.add(closing)  # held until done: a task nobody references may vanish
             closing.add_done_callback(self._closing.discard)
 
-    def client(self, port: int, pid: int | None) -> aiohttp.ClientSession:
-        """One keep-alive pool per backend process, sized for many concurrent streams. Keyed by
-        port and pid: a port reused by a new process must not get the old one's dead connections."""
-        held = self.clients.get(port)
+    def client(self, origin: str, pid: int | None) -> aiohttp.ClientSession:
+        """One keep-alive pool per backend process (or remote origin), sized for many concurrent
+        streams. Keyed by origin and pid: a port reused by a new process must not get the old
+        one's dead connections."""
+        held = self.clients.get(origin)
         if held is not None and held[0] == pid and not held[1].closed:
             return held[1]
-        self._close(port)
+        self._close(origin)
         client = aiohttp.ClientSession(
-            base_url=f"http://127.0.0.1:{port}",
+            base_url=origin,
             connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             auto_decompress=False,  # bytes through as the backend sent them
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self.clients[port] = (pid, client)
+        self.clients[origin] = (pid, client)
         return client
 
     async def close(self) -> None:
@@ -216,7 +236,7 @@ class Proxy:
                 "desired": model.desired,
                 "resident": serving,  # an on-demand model that is not is loaded by the first request
             }
-            for served in (name, *model.aliases, *(a.name for a in model.lora)):
+            for served in routable_names(name, model):
                 data.append(
                     {
                         "id": served,
@@ -350,8 +370,12 @@ class Proxy:
         elif (info is None or info.state is not ModelState.LOADED) and name in spec.loaded:
             # loading, or between the stop and the start of a reload: hold the request
             info = await self.store.wait_for(name, spec.server.load_wait_s, WAIT_WHILE)
-        if info is None or info.state is not ModelState.LOADED or info.port is None:
+        if info is None or info.state is not ModelState.LOADED or info.endpoint is None:
             return self._unavailable(name, info, spec)
+        model = spec.models[name]
+        changed = payload is not None and apply_params(
+            payload, model.params, model.variants.get(decision.variant) if decision.variant else None
+        )
         if payload is not None and info.backend == "llama-server" and info.spec.lora:
             # llama-server selects adapters per request by id and scale: the named adapter at its
             # scale, the others off; a request for the base model gets none (as with vLLM)
@@ -361,10 +385,18 @@ class Proxy:
             ]
             payload["model"] = name
             body = json.dumps(payload).encode()
-        elif payload is not None and payload.get("model") != decision.upstream_model:
+        elif payload is not None and (changed or payload.get("model") != decision.upstream_model):
             payload["model"] = decision.upstream_model
             body = json.dumps(payload).encode()
-        return await self._send(request, info, endpoint, body, t0)
+        gate = None
+        if model.max_concurrent is not None:
+            gate = self.gates.setdefault(name, Gate(name))
+            gone = _disconnected(request) if isinstance(body, bytes) else None  # an upload's body is not read yet
+            refused = await gate.enter(model.max_concurrent, model.max_queue, model.queue_timeout_s, gone)
+            if refused is not None:
+                metrics.REQUESTS.labels(name, "429").inc()
+                return openai_error(429, refused, "requests", "rate_limit_exceeded", headers={"Retry-After": "1"})
+        return await self._send(request, info, endpoint, body, t0, gate=gate)
 
     async def _demand(self, name: str, spec: Spec) -> ModelInfo | None:
         """An on-demand model that is not serving: ask the daemon for it and wait for its load
@@ -399,7 +431,7 @@ class Proxy:
         if name is None:
             return openai_error(404, unknown_model(spec, requested), "invalid_request_error", "model_not_found")
         info = self.store.models.get(name)
-        if info is None or info.state is not ModelState.LOADED or info.port is None:
+        if info is None or info.state is not ModelState.LOADED or info.endpoint is None:
             return self._unavailable(name, info, spec)
         body = await _read_body(request, spec.server.max_body_bytes) if request.method not in ("GET", "HEAD") else b""
         if body is None:
@@ -436,20 +468,26 @@ class Proxy:
         body: bytes | AsyncIterator[bytes],
         t0: float,
         upstream: str | None = None,
+        gate: Gate | None = None,
     ) -> Response:
         """Send to the model's process (at the request's own path, or `upstream` with the
         request's method and query) and pass the answer through, streamed when it streams."""
-        name, port, pid = info.name, info.port or 0, info.pid
+        name, port, pid = info.name, info.port or 0, info.pid  # a remote model's requests count under port 0
         self.store.touch(name)
+        origin, prefix = upstream_of(info)
         path = upstream if upstream is not None else request.url.path
+        if info.backend == "remote":  # its URL ends where /v1 does
+            path = prefix + (path if upstream is not None else path.removeprefix("/v1"))
         method = request.method if upstream is not None else "POST"
         params = request.query_params if upstream is not None else None
-        headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}
+        headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}  # never the client's key
+        if info.backend == "remote" and info.spec.api_key_env and (key := os.environ.get(info.spec.api_key_env)):
+            headers["Authorization"] = f"Bearer {key}"
         self.inflight[port] = self.inflight.get(port, 0) + 1
         metrics.INFLIGHT.labels(name).inc()
         try:
             try:
-                resp = await self.client(port, pid).request(method, path, params=params, data=body, headers=headers)
+                resp = await self.client(origin, pid).request(method, path, params=params, data=body, headers=headers)
             except aiohttp.ClientConnectorError:
                 raise  # nothing listens: no second try
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
@@ -458,9 +496,9 @@ class Proxy:
                 # more on a fresh connection (a streamed upload is gone: it cannot be sent again)
                 if not isinstance(body, bytes):
                     raise
-                resp = await self.client(port, pid).request(method, path, params=params, data=body, headers=headers)
+                resp = await self.client(origin, pid).request(method, path, params=params, data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
-            self._done(name, port, "502", t0)
+            self._done(name, port, "502", t0, gate)
             if not isinstance(body, bytes) and "request body" in str(exc):
                 return openai_error(
                     502,
@@ -474,15 +512,17 @@ class Proxy:
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
         if resp.content_type == "text/event-stream":
             out_headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return StreamingResponse(self._stream(resp, name, port, t0), status_code=resp.status, headers=out_headers)
+            return StreamingResponse(
+                self._stream(resp, name, port, t0, gate), status_code=resp.status, headers=out_headers
+            )
         try:
             content = await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
             resp.close()
-            self._done(name, port, "502", t0)
+            self._done(name, port, "502", t0, gate)
             return openai_error(502, f"backend of '{name}' broke off: {exc!r}", "upstream_error")
         resp.release()
-        self._done(name, port, str(resp.status), t0)
+        self._done(name, port, str(resp.status), t0, gate)
         if resp.status in (404, 501) and path not in CORE and upstream is None:
             return openai_error(
                 resp.status,
@@ -495,7 +535,9 @@ class Proxy:
             metrics.count_tokens(name, content)
         return Response(content, status_code=resp.status, headers=out_headers)
 
-    async def _stream(self, resp: aiohttp.ClientResponse, name: str, port: int, t0: float) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, resp: aiohttp.ClientResponse, name: str, port: int, t0: float, gate: Gate | None
+    ) -> AsyncIterator[bytes]:
         usage = b""
         finished = False
         try:
@@ -510,10 +552,12 @@ class Proxy:
                 resp.release()
             else:
                 resp.close()
-            self._done(name, port, str(resp.status), t0)
+            self._done(name, port, str(resp.status), t0, gate)
             metrics.count_stream_tokens(name, usage)
 
-    def _done(self, name: str, port: int, status: str, t0: float) -> None:
+    def _done(self, name: str, port: int, status: str, t0: float, gate: Gate | None = None) -> None:
+        if gate is not None:
+            gate.leave()
         self.store.touch(name)
         if self.store.waiting:  # a request waits for room this one may have made
             self.store.wake()
@@ -521,6 +565,24 @@ class Proxy:
         metrics.INFLIGHT.labels(name).dec()
         metrics.REQUESTS.labels(name, status).inc()
         metrics.LATENCY.labels(name, status).observe(time.perf_counter() - t0)
+
+
+def local(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def upstream_of(info: ModelInfo) -> tuple[str, str]:
+    """(origin, path prefix) of a model's server: its process here, or a remote URL."""
+    if info.backend == "remote" and info.spec.url:
+        url = URL(info.spec.url)
+        return str(url.origin()), url.path.rstrip("/")
+    return local(info.port or 0), ""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (its body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _too_large(limit: int) -> JSONResponse:
