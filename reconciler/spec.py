@@ -113,6 +113,11 @@ class ServerSettings(_Strict):
     max_loaded: int | None = Field(
         None, ge=1, description="Most models resident at once, pinned and on-demand together; null: no limit."
     )
+    loading_messages: bool = Field(
+        False,
+        description="A streaming chat request for a model that is loading gets the load's progress at once, as "
+        "`reasoning_content` in its stream (chat UIs show it apart from the answer), then the answer.",
+    )
     remote_check_s: float = Field(
         10.0, gt=0, description="How often a remote model's server is asked for its model list (health)."
     )

@@ -5,6 +5,7 @@ touched, and failures and impossible files answered with reasons."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import sys
 import time
@@ -176,3 +177,24 @@ def test_a_killed_on_demand_backend_is_reported_restarted_and_never_doubled(daem
     assert daemon.proc is not None
     backends = [c.cmdline() for c in psutil.Process(daemon.proc.pid).children(recursive=True)]
     assert sum(argv[argv.index("--alias") + 1] == "a" for argv in backends if "--alias" in argv) == 1
+
+
+def test_loading_messages_stream_the_load_then_the_answer_or_its_failure(daemon: Daemon) -> None:
+    """server.loading_messages: a streaming chat request for a model that is not resident opens
+    its stream at once with the load as reasoning_content, then the model's own answer; a load
+    that fails ends the stream with the error. The answer text never carries the messages."""
+    broken = spec(extra=", loading_messages: true").replace(
+        "  c: {{path: {MODEL}, desired: on_demand}}",
+        "  c: {{path: {MODEL}, desired: on_demand, extra_args: [--no-such-flag]}}")
+    daemon.launch(broken, header=False)
+    events = [json.loads(line[6:]) for line in stream(daemon.url, "a") if line != "data: [DONE]"]
+    reasoning = [e["choices"][0]["delta"].get("reasoning_content") for e in events]
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    assert reasoning[0] == "Loading model a…\n" and "Model a is ready.\n" in reasoning
+    assert content and "Loading" not in content  # the model's own tokens follow
+    body = {"model": "c", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[0].startswith("data: ") and lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert "model 'c' failed" in error["message"]

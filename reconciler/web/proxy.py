@@ -365,13 +365,42 @@ class Proxy:
         if (mismatch := wrong_kind(spec.models[name].server_type, endpoint)) is not None:
             return openai_error(400, f"model '{name}' {mismatch}", "invalid_request_error", "wrong_model_type")
         info = self.store.models.get(name)
-        if (info is None or info.state is not ModelState.LOADED) and name in spec.on_demand:
-            info = await self._demand(name, spec)
-        elif (info is None or info.state is not ModelState.LOADED) and name in spec.loaded:
-            # loading, or between the stop and the start of a reload: hold the request
-            info = await self.store.wait_for(name, spec.server.load_wait_s, WAIT_WHILE)
+        serving = info is not None and info.state is ModelState.LOADED
+        if not serving and _shows_loading(spec, name, endpoint, payload):
+            return StreamingResponse(
+                self._loading(request, spec, decision, endpoint, body, t0, payload or {}),
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                media_type="text/event-stream",
+            )
+        if not serving:
+            info = await self._wait_serving(name, spec)
         if info is None or info.state is not ModelState.LOADED or info.endpoint is None:
             return self._unavailable(name, info, spec)
+        return await self._deliver(request, spec, decision, info, endpoint, body, t0, payload)
+
+    async def _wait_serving(self, name: str, spec: Spec) -> ModelInfo | None:
+        """Wait for a model that does not serve now: an on-demand one is asked for, a pinned one
+        may be loading or between the stop and the start of a reload."""
+        if name in spec.on_demand:
+            return await self._demand(name, spec)
+        if name in spec.loaded:
+            return await self.store.wait_for(name, spec.server.load_wait_s, WAIT_WHILE)
+        return self.store.models.get(name)
+
+    async def _deliver(
+        self,
+        request: Request,
+        spec: Spec,
+        decision: Route,
+        info: ModelInfo,
+        endpoint: str,
+        body: bytes | AsyncIterator[bytes],
+        t0: float,
+        payload: dict[str, Any] | None,
+    ) -> Response:
+        """The model serves: apply its parameter rules, rewrite `model` (and llama-server's LoRA
+        selection) where needed, take a turn under max_concurrent, send."""
+        name = decision.model
         model = spec.models[name]
         changed = payload is not None and apply_params(
             payload, model.params, model.variants.get(decision.variant) if decision.variant else None
@@ -397,6 +426,46 @@ class Proxy:
                 metrics.REQUESTS.labels(name, "429").inc()
                 return openai_error(429, refused, "requests", "rate_limit_exceeded", headers={"Retry-After": "1"})
         return await self._send(request, info, endpoint, body, t0, gate=gate)
+
+    async def _loading(
+        self,
+        request: Request,
+        spec: Spec,
+        decision: Route,
+        endpoint: str,
+        body: bytes | AsyncIterator[bytes],
+        t0: float,
+        payload: dict[str, Any],
+    ) -> AsyncIterator[bytes]:
+        """A streaming chat request for a model that is loading (server.loading_messages): the
+        stream opens at once with the load's progress as `reasoning_content` (chat UIs show it
+        apart from the answer, clients that ignore reasoning see nothing), then the model's
+        own stream follows; a load that fails ends the stream with its error."""
+        name = decision.model
+        waiting = asyncio.ensure_future(self._wait_serving(name, spec))
+        try:
+            yield _chunk(name, {"role": "assistant", "reasoning_content": f"Loading model {name}…\n"})
+            shown = -1.0
+            while not waiting.done():
+                info = self.store.models.get(name)
+                progress = info.progress if info is not None and info.state is ModelState.LOADING else 0.0
+                if progress >= shown + 0.1:
+                    shown = progress
+                    yield _chunk(name, {"reasoning_content": f"Loading {name}: {progress:.0%}\n"})
+                await asyncio.wait([waiting], timeout=0.25)
+            info = waiting.result()
+            if info is None or info.state is not ModelState.LOADED or info.endpoint is None:
+                answer: Response = self._unavailable(name, info, spec)
+            else:
+                yield _chunk(name, {"reasoning_content": f"Model {name} is ready.\n"})
+                answer = await self._deliver(request, spec, decision, info, endpoint, body, t0, payload)
+            if isinstance(answer, StreamingResponse):
+                async for part in answer.body_iterator:
+                    yield part if isinstance(part, bytes) else str(part).encode()
+            else:  # an error after the stream opened: in the stream, as OpenAI sends them
+                yield b"data: " + bytes(answer.body) + b"\n\ndata: [DONE]\n\n"
+        finally:
+            waiting.cancel()
 
     async def _demand(self, name: str, spec: Spec) -> ModelInfo | None:
         """An on-demand model that is not serving: ask the daemon for it and wait for its load
@@ -565,6 +634,29 @@ class Proxy:
         metrics.INFLIGHT.labels(name).dec()
         metrics.REQUESTS.labels(name, status).inc()
         metrics.LATENCY.labels(name, status).observe(time.perf_counter() - t0)
+
+
+def _shows_loading(spec: Spec, name: str, endpoint: str, payload: dict[str, Any] | None) -> bool:
+    """A request that waits for a load gets its progress in its stream (server.loading_messages)."""
+    return (
+        spec.server.loading_messages
+        and endpoint == "chat/completions"
+        and payload is not None
+        and payload.get("stream") is True
+        and name in spec.served
+    )
+
+
+def _chunk(model: str, delta: dict[str, str]) -> bytes:
+    """One chat.completion.chunk carrying `delta`, as an SSE event."""
+    data = {
+        "id": "xgen-loading",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
 def local(port: int) -> str:
