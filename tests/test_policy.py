@@ -151,7 +151,7 @@ def test_the_gate_times_out_and_lets_a_gone_client_leave_at_once() -> None:
         late = await gate.enter(1, 5, 0.05)
         assert late is not None and "queue_timeout_s" in late
         gone = asyncio.Event()
-        leaving = asyncio.create_task(gate.enter(1, 5, 30, gone.wait()))
+        leaving = asyncio.create_task(gate.enter(1, 5, 30, gone.wait))
         await asyncio.sleep(0.01)
         assert len(gate.waiting) == 1
         gone.set()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from reconciler.web import metrics
@@ -26,9 +26,10 @@ class Gate:
         self.waiting: deque[asyncio.Future[None]] = deque()
 
     async def enter(
-        self, limit: int, queue: int, timeout_s: float, gone: Awaitable[object] | None = None
+        self, limit: int, queue: int, timeout_s: float, gone: Callable[[], Awaitable[object]] | None = None
     ) -> str | None:
-        """None once the request may go (call leave() when it is done), else why not."""
+        """None once the request may go (call leave() when it is done), else why not. `gone`
+        makes an awaitable that ends when the client goes away (awaited only while waiting)."""
         self.limit = limit
         self._admit()
         if self.running < limit and not self.waiting:
@@ -44,7 +45,7 @@ class Gate:
         self.waiting.append(turn)
         metrics.QUEUED.labels(self.model).inc()
         t0 = time.perf_counter()
-        watcher: asyncio.Future[Any] | None = asyncio.ensure_future(gone) if gone is not None else None
+        watcher: asyncio.Future[Any] | None = asyncio.ensure_future(gone()) if gone is not None else None
         waits: list[asyncio.Future[Any]] = [turn, *([watcher] if watcher else [])]
         try:
             done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)

@@ -12,6 +12,7 @@ that moved LiteLLM off httpx too); the rest of xgen keeps httpx, off the hot pat
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import os
@@ -420,7 +421,7 @@ class Proxy:
         gate = None
         if model.max_concurrent is not None:
             gate = self.gates.setdefault(name, Gate(name))
-            gone = _disconnected(request) if isinstance(body, bytes) else None  # an upload's body is not read yet
+            gone = functools.partial(_disconnected, request) if isinstance(body, bytes) else None  # upload: unread
             refused = await gate.enter(model.max_concurrent, model.max_queue, model.queue_timeout_s, gone)
             if refused is not None:
                 metrics.REQUESTS.labels(name, "429").inc()
