@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,6 @@ from typing import Any
 import aiohttp
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from yarl import URL
 
 from reconciler.policy import apply_params
 from reconciler.spec import ModelSpec, Spec
@@ -667,8 +667,8 @@ def local(port: int) -> str:
 def upstream_of(info: ModelInfo) -> tuple[str, str]:
     """(origin, path prefix) of a model's server: its process here, or a remote URL."""
     if info.backend == "remote" and info.spec.url:
-        url = URL(info.spec.url)
-        return str(url.origin()), url.path.rstrip("/")
+        url = urllib.parse.urlsplit(info.spec.url)
+        return f"{url.scheme}://{url.netloc}", url.path.rstrip("/")
     return local(info.port or 0), ""
 
 
