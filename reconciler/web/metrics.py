@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from reconciler.state import ModelState
 from reconciler.store import StateStore
@@ -127,6 +129,21 @@ def refresh(store: StateStore) -> None:
             GPU_UTIL.labels(index).set(gpu["utilization"])
 
 
+M = TypeVar("M", bound=MetricWrapperBase)
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: M, *values: str) -> M:
+    """`metric.labels(*values)`, looked up once: labels() validates and takes a lock on every
+    call, 6% of the proxy's CPU under load. For the request path's metrics, whose children are
+    never cleared (models and status codes: a bounded set)."""
+    key = (id(metric), values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*values)
+    return cast(M, found)
+
+
 def count_tokens(model: str, body: bytes) -> None:
     """Usage from a non-streamed response (one JSON parse, off the streaming path)."""
     try:
@@ -153,4 +170,4 @@ def _add_usage(model: str, usage: dict[str, object]) -> None:
     ):
         value = next((usage[n] for n in names if isinstance(usage.get(n), int)), None)
         if isinstance(value, int) and value > 0:
-            TOKENS.labels(model, kind).inc(value)
+            child(TOKENS, model, kind).inc(value)

@@ -554,7 +554,7 @@ class Proxy:
         if info.backend == "remote" and info.spec.api_key_env and (key := os.environ.get(info.spec.api_key_env)):
             headers["Authorization"] = f"Bearer {key}"
         self.inflight[port] = self.inflight.get(port, 0) + 1
-        metrics.INFLIGHT.labels(name).inc()
+        metrics.child(metrics.INFLIGHT, name).inc()
         try:
             try:
                 resp = await self.client(origin, pid).request(method, path, params=params, data=body, headers=headers)
@@ -632,9 +632,9 @@ class Proxy:
         if self.store.waiting:  # a request waits for room this one may have made
             self.store.wake()
         self.inflight[port] -= 1
-        metrics.INFLIGHT.labels(name).dec()
-        metrics.REQUESTS.labels(name, status).inc()
-        metrics.LATENCY.labels(name, status).observe(time.perf_counter() - t0)
+        metrics.child(metrics.INFLIGHT, name).dec()
+        metrics.child(metrics.REQUESTS, name, status).inc()
+        metrics.child(metrics.LATENCY, name, status).observe(time.perf_counter() - t0)
 
 
 def _shows_loading(spec: Spec, name: str, endpoint: str, payload: dict[str, Any] | None) -> bool:
