@@ -34,6 +34,7 @@ from reconciler.store import StateStore
 from reconciler.web import metrics
 from reconciler.web.formfield import FormField, boundary_of
 from reconciler.web.gate import Gate
+from reconciler.web.jsonbody import JsonBody
 
 HOP_HEADERS = {
     "connection",
@@ -286,14 +287,13 @@ class Proxy:
         if body is None:
             return _too_large(limit)
         try:
-            payload = json.loads(body)
-            assert isinstance(payload, dict)
-        except (ValueError, AssertionError):
+            doc = JsonBody(body)  # finds `model` without parsing the prompt
+        except ValueError:
             return openai_error(400, "request body is not a JSON object", "invalid_request_error")
-        requested = payload.get("model")
+        requested = doc.model
         if requested is not None and not isinstance(requested, str):
             return openai_error(400, "`model` must be a string", "invalid_request_error", "invalid_model")
-        return await self._route_and_send(request, spec, endpoint, requested, body, t0, payload)
+        return await self._route_and_send(request, spec, endpoint, requested, body, t0, doc)
 
     async def forward_form(self, request: Request) -> Response:
         """A multipart upload (audio transcriptions and translations): routed by its `model`
@@ -350,10 +350,10 @@ class Proxy:
         requested: str | None,
         body: bytes | AsyncIterator[bytes],
         t0: float,
-        payload: dict[str, Any] | None = None,
+        doc: JsonBody | None = None,
     ) -> Response:
         """Route by the requested name (waiting for a loading or on-demand model) and send; a JSON
-        `payload` gets its `model` (and llama-server's LoRA selection) rewritten where needed."""
+        body (`doc`) gets its `model` (and llama-server's LoRA selection) rewritten where needed."""
         decision = route(spec, requested, endpoint, self.store.active, self.store.models)
         if isinstance(decision, str) and self.store.settling:
             # a save is settling: a model it adds becomes routable within settle_ms
@@ -367,9 +367,9 @@ class Proxy:
             return openai_error(400, f"model '{name}' {mismatch}", "invalid_request_error", "wrong_model_type")
         info = self.store.models.get(name)
         serving = info is not None and info.state is ModelState.LOADED
-        if not serving and _shows_loading(spec, name, endpoint, payload):
+        if not serving and doc is not None and _shows_loading(spec, name, endpoint, doc):
             return StreamingResponse(
-                self._loading(request, spec, decision, endpoint, body, t0, payload or {}),
+                self._loading(request, spec, decision, endpoint, body, t0, doc),
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 media_type="text/event-stream",
             )
@@ -377,7 +377,7 @@ class Proxy:
             info = await self._wait_serving(name, spec)
         if info is None or info.state is not ModelState.LOADED or info.endpoint is None:
             return self._unavailable(name, info, spec)
-        return await self._deliver(request, spec, decision, info, endpoint, body, t0, payload)
+        return await self._deliver(request, spec, decision, info, endpoint, body, t0, doc)
 
     async def _wait_serving(self, name: str, spec: Spec) -> ModelInfo | None:
         """Wait for a model that does not serve now: an on-demand one is asked for, a pinned one
@@ -397,27 +397,17 @@ class Proxy:
         endpoint: str,
         body: bytes | AsyncIterator[bytes],
         t0: float,
-        payload: dict[str, Any] | None,
+        doc: JsonBody | None,
     ) -> Response:
         """The model serves: apply its parameter rules, rewrite `model` (and llama-server's LoRA
         selection) where needed, take a turn under max_concurrent, send."""
         name = decision.model
         model = spec.models[name]
-        changed = payload is not None and apply_params(
-            payload, model.params, model.variants.get(decision.variant) if decision.variant else None
-        )
-        if payload is not None and info.backend == "llama-server" and info.spec.lora:
-            # llama-server selects adapters per request by id and scale: the named adapter at its
-            # scale, the others off; a request for the base model gets none (as with vLLM)
-            payload["lora"] = [
-                {"id": i, "scale": a.scale if a.name == decision.upstream_model else 0.0}
-                for i, a in enumerate(info.spec.lora)
-            ]
-            payload["model"] = name
-            body = json.dumps(payload).encode()
-        elif payload is not None and (changed or payload.get("model") != decision.upstream_model):
-            payload["model"] = decision.upstream_model
-            body = json.dumps(payload).encode()
+        if doc is not None:
+            try:
+                body = _rewrite(doc, decision, model, info)
+            except ValueError:  # the scan routed it; the parse a rule needs finds it malformed
+                return openai_error(400, "request body is not a JSON object", "invalid_request_error")
         gate = None
         if model.max_concurrent is not None:
             gate = self.gates.setdefault(name, Gate(name))
@@ -436,7 +426,7 @@ class Proxy:
         endpoint: str,
         body: bytes | AsyncIterator[bytes],
         t0: float,
-        payload: dict[str, Any],
+        doc: JsonBody,
     ) -> AsyncIterator[bytes]:
         """A streaming chat request for a model that is loading (server.loading_messages): the
         stream opens at once with the load's progress as `reasoning_content` (chat UIs show it
@@ -459,7 +449,7 @@ class Proxy:
                 answer: Response = self._unavailable(name, info, spec)
             else:
                 yield _chunk(name, {"reasoning_content": f"Model {name} is ready.\n"})
-                answer = await self._deliver(request, spec, decision, info, endpoint, body, t0, payload)
+                answer = await self._deliver(request, spec, decision, info, endpoint, body, t0, doc)
             if isinstance(answer, StreamingResponse):
                 async for part in answer.body_iterator:
                     yield part if isinstance(part, bytes) else str(part).encode()
@@ -637,15 +627,31 @@ class Proxy:
         metrics.child(metrics.LATENCY, name, status).observe(time.perf_counter() - t0)
 
 
-def _shows_loading(spec: Spec, name: str, endpoint: str, payload: dict[str, Any] | None) -> bool:
+def _rewrite(doc: JsonBody, decision: Route, model: ModelSpec, info: ModelInfo) -> bytes:
+    """The body for the backend: the model's parameter rules and the variant applied, `model`
+    set to the backend's name for it, llama-server's LoRA selection; the client's own bytes
+    when none of that changes anything. Raises ValueError for a body that is not JSON."""
+    variant = model.variants.get(decision.variant) if decision.variant else None
+    changed = (not model.params.empty or bool(variant)) and apply_params(doc.payload(), model.params, variant)
+    if info.backend == "llama-server" and info.spec.lora:
+        # llama-server selects adapters per request by id and scale: the named adapter at its
+        # scale, the others off; a request for the base model gets none (as with vLLM)
+        doc.payload()["lora"] = [
+            {"id": i, "scale": a.scale if a.name == decision.upstream_model else 0.0}
+            for i, a in enumerate(info.spec.lora)
+        ]
+        return doc.encode(decision.model, changed=True)
+    return doc.encode(decision.upstream_model, changed)
+
+
+def _shows_loading(spec: Spec, name: str, endpoint: str, doc: JsonBody) -> bool:
     """A request that waits for a load gets its progress in its stream (server.loading_messages)."""
-    return (
-        spec.server.loading_messages
-        and endpoint == "chat/completions"
-        and payload is not None
-        and payload.get("stream") is True
-        and name in spec.served
-    )
+    if not (spec.server.loading_messages and endpoint == "chat/completions" and name in spec.served):
+        return False
+    try:
+        return doc.payload().get("stream") is True
+    except ValueError:
+        return False
 
 
 def _chunk(model: str, delta: dict[str, str]) -> bytes:

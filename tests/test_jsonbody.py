@@ -1,0 +1,65 @@
+"""The proxy's cheap `model` lookup: whatever the body, it agrees with a full JSON parse, and a
+rewritten body differs from the client's only in `model`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reconciler.web.jsonbody import JsonBody, scan_model
+
+TRICKY = st.sampled_from(['"model"', '"model": "x"', "{", "}", "[", "]", "\\", '\\"', "model", "é", "\n", ":", ","])
+TEXT = st.lists(st.one_of(TRICKY, st.text(max_size=5)), max_size=6).map("".join)
+KEYS = st.one_of(st.just("model"), TEXT)
+LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), TEXT)
+VALUES = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
+                      max_leaves=12)
+BODIES = st.tuples(st.dictionaries(KEYS, VALUES, max_size=5), st.one_of(st.none(), TEXT, LEAVES))
+FORMATS = st.sampled_from([{}, {"separators": (",", ":")}, {"indent": 2}, {"ensure_ascii": False}])
+
+
+def body_of(top: dict[str, Any], model: Any, style: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    obj = dict(top)
+    obj.pop("model", None)
+    if model is not None:
+        obj = {**obj, "model": model} if len(obj) % 2 else {"model": model, **obj}  # first or last
+    return obj, json.dumps(obj, **style).encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(BODIES, FORMATS)
+def test_the_scan_agrees_with_the_parser_and_a_rewrite_changes_only_model(case: Any, style: dict[str, Any]) -> None:
+    obj, raw = body_of(*case, style)
+    doc = JsonBody(raw)
+    assert doc.model == obj.get("model")
+    if isinstance(doc.model, str) or doc.model is None:
+        assert json.loads(doc.encode("routed")) == {**obj, "model": "routed"}
+        assert doc.encode(doc.model) == raw  # nothing to change: the client's own bytes
+
+
+def test_only_the_top_level_counts_and_unusual_names_are_parsed() -> None:
+    nested = b'{"tools": [{"parameters": {"properties": {"model": {"type": "string"}}}}]}'
+    assert scan_model(nested) == (None, None)
+    assert scan_model(b'{"tools": {"model": "inner"}, "model": "outer"}')[0] == "outer"  # type: ignore[index]
+    assert scan_model(b'{"model": "q\\u0077en"}') is None  # an escape: the parser reads it
+    assert JsonBody(b'{"model": "q\\u0077en"}').model == "qwen"
+    assert scan_model(b"[1, 2]") is None
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1]", b'"text"', b"{broken"])
+def test_what_is_not_an_object_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        JsonBody(raw)
+
+
+def test_a_200_kb_prompt_is_not_parsed_to_route_it() -> None:
+    prompt = "word " * 40_000
+    raw = json.dumps({"messages": [{"role": "user", "content": prompt}], "model": "alias"}).encode()
+    doc = JsonBody(raw)
+    assert doc.model == "alias" and doc._payload is None  # found by the scan alone
+    routed = doc.encode("real")
+    assert routed == raw.replace(b'"model": "alias"', b'"model": "real"') and doc._payload is None
