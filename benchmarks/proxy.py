@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -41,7 +42,7 @@ REPLY = json.dumps({"id": "x", "object": "chat.completion", "model": "stub", "ch
 # ---------------------------------------------------------------- stub backend
 
 
-async def stub_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def stub_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pace_ms: float = 0) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -56,7 +57,7 @@ async def stub_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             elif b'"stream": true' in body or b'"stream":true' in body:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
-                interval = json.loads(body).get("stub_interval_ms", 0) / 1000
+                interval = (json.loads(body).get("stub_interval_ms") or pace_ms) / 1000
                 for _ in range(STREAM_CHUNKS):
                     writer.write(b"%x\r\n%s\r\n" % (len(CHUNK), CHUNK))
                     await writer.drain()
@@ -74,9 +75,12 @@ async def stub_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         writer.close()
 
 
-def run_stub(port: int) -> None:
+def run_stub(port: int, pace_ms: float = 0) -> None:
+    """The stub on `port`; `pace_ms`: its streams send a token that often (unless the request says)."""
+
     async def main() -> None:
-        server = await asyncio.start_server(stub_handle, "127.0.0.1", port, backlog=1024)
+        handle = functools.partial(stub_handle, pace_ms=pace_ms)
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -107,9 +111,10 @@ def run_proxy(port: int, backend_port: int) -> None:
 
 
 async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, body: bytes,
-                  stream: bool, path: bytes = b"/v1/chat/completions") -> tuple[float, float, int, bool]:
+                  stream: bool, path: bytes = b"/v1/chat/completions",
+                  sink: bytearray | None = None) -> tuple[float, float, int, bool]:
     """One request on a kept-alive connection: (time to first body byte, total time, body bytes,
-    whether the server keeps the connection open)."""
+    whether the server keeps the connection open); the body goes to `sink` if given."""
     t0 = time.perf_counter()
     writer.write(b"POST %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (path, port, len(body), body))
@@ -123,20 +128,26 @@ async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, po
             if n == 0:
                 await reader.readuntil(b"\r\n")
                 break
-            await reader.readexactly(n + 2)
+            data = await reader.readexactly(n + 2)
+            if sink is not None:
+                sink += data[:-2]
             if not first:
                 first = time.perf_counter() - t0
             size += n
     else:
         length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
+        data = await reader.readexactly(length)
+        if sink is not None:
+            sink += data
         size = length
         first = time.perf_counter() - t0
     return first, time.perf_counter() - t0, size, b"connection: close" not in head.lower()
 
 
 async def load(port: int, concurrency: int, total: int, stream: bool, body: dict[str, object],
-               path: bytes = b"/v1/chat/completions") -> dict[str, float]:
+               path: bytes = b"/v1/chat/completions", bodies: list[bytes] | None = None) -> dict[str, float]:
+    """`total` requests from `concurrency` kept-alive connections; each answer's body is added
+    to `bodies` when given (to check what came through)."""
     payload = json.dumps({**body, "stream": stream}).encode()
     latencies: list[float] = []
     firsts: list[float] = []
@@ -152,12 +163,16 @@ async def load(port: int, concurrency: int, total: int, stream: bool, body: dict
             if not alive:  # the server said it closes: reconnect, as a client would
                 writer.close()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            sink = bytearray() if bodies is not None else None
             try:
-                first, whole, size, alive = await request(reader, writer, port, payload, stream, path)
+                first, whole, size, alive = await request(reader, writer, port, payload, stream, path, sink)
             except (asyncio.IncompleteReadError, ConnectionError):  # closed without saying so (llama-server)
                 writer.close()
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                first, whole, size, alive = await request(reader, writer, port, payload, stream, path)
+                sink = bytearray() if bodies is not None else None
+                first, whole, size, alive = await request(reader, writer, port, payload, stream, path, sink)
+            if bodies is not None and sink is not None:
+                bodies.append(bytes(sink))
             latencies.append(whole)
             firsts.append(first)
             volume += size
@@ -169,7 +184,8 @@ async def load(port: int, concurrency: int, total: int, stream: bool, body: dict
     latencies.sort()
     firsts.sort()
     return {"p50": statistics.median(latencies) * 1000, "p99": latencies[int(0.99 * (len(latencies) - 1))] * 1000,
-            "ttfb50": statistics.median(firsts) * 1000, "rps": len(latencies) / elapsed,
+            "ttfb50": statistics.median(firsts) * 1000, "ttfb99": firsts[int(0.99 * (len(firsts) - 1))] * 1000,
+            "rps": len(latencies) / elapsed,
             "mbps": volume / elapsed / 2**20}
 
 
@@ -227,10 +243,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--serve-stub", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--pace-ms", type=float, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--serve-proxy", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_stub:
-        return run_stub(args.serve_stub)
+        return run_stub(args.serve_stub, args.pace_ms)
     if args.serve_proxy:
         return run_proxy(*args.serve_proxy)
 

@@ -1,0 +1,212 @@
+"""xgen's /v1 proxy beside the LiteLLM proxy, against the same stub backend and the same client,
+in one run, as ratios against the stub reached directly.
+
+The stub and the client are benchmarks/proxy.py's (raw asyncio, keep-alive). xgen is its real
+app and uvicorn settings with the stub registered as a loaded model; LiteLLM is its proxy
+server (`litellm --config`, one worker, logging, telemetry and spend logs off), installed into
+its own virtualenv under ~/.cache/xgen/peers/ by this script, version pinned and printed.
+
+Workloads (each: direct, xgen, LiteLLM, taking turns; the tools not measured are paused with
+SIGSTOP during a turn, so an idle peer's background work takes nothing from the one measured):
+  1. non-streaming at concurrency 1, 16 and 64: added p50/p99, requests/s
+  2. 128 streams paced at 5 ms a token (200 tokens each): time to first byte p50/p99, tokens/s
+     as a share of direct, and whether every stream arrived whole (xgen: byte for byte; a peer
+     that re-frames: the same number of events and the [DONE])
+  3. a 200 KB prompt at concurrency 8: added p50/p99, share of direct throughput
+
+Goals (issue 13): c=1 added p50 <= 0.3 ms, p99 <= 0.7; c=64 added p99 <= 10 ms and >= 40% of
+direct; 128 paced streams added TTFB p99 <= 10 ms, >= 98% of direct tokens/s, every frame exact;
+200 KB at c=8 added p99 <= 2 ms.
+
+Usage: python benchmarks/peers.py [--quick] [--no-litellm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from proxy import STREAM_CHUNKS, load, wait_http
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from net import free_port
+
+LITELLM = "1.108.7"
+PACE_MS = 5.0
+LITELLM_CONFIG = """\
+model_list:
+  - model_name: stub
+    litellm_params: {{model: openai/stub, api_base: "http://127.0.0.1:{stub}/v1", api_key: none}}
+  - model_name: paced
+    litellm_params: {{model: openai/stub, api_base: "http://127.0.0.1:{paced}/v1", api_key: none}}
+litellm_settings:
+  telemetry: false
+  set_verbose: false
+  drop_params: true
+general_settings:
+  disable_spend_logs: true
+  disable_error_logs: true
+  dangerously_permit_weak_or_unset_master_key: true  # loopback only; xgen runs without a key too
+"""
+
+
+def run_xgen(port: int, stub: int, paced: int) -> None:
+    """xgen's app and uvicorn settings, the two stubs registered as loaded models."""
+    import uvicorn
+
+    from reconciler.serve import uvicorn_config
+    from reconciler.spec import ModelSpec, Spec
+    from reconciler.state import ModelInfo, ModelState
+    from reconciler.store import StateStore
+    from reconciler.web.app import create_app
+
+    spec = Spec(models={"stub": ModelSpec(path="/stub.gguf"), "paced": ModelSpec(path="/paced.gguf")}, active="stub")
+    store = StateStore()
+    for name, port_of in (("stub", stub), ("paced", paced)):
+        store.models[name] = ModelInfo(name, spec.models[name], "llama-server", ModelState.LOADED, port=port_of,
+                                       started_at=time.time())
+    app = create_app(store, lambda: spec, {}, {})
+    uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).run()
+
+
+def litellm_python() -> Path:
+    """LiteLLM's own virtualenv, made on first use."""
+    venv = Path(os.environ.get("XGEN_CACHE_DIR", Path.home() / ".cache" / "xgen")) / "peers" / f"litellm-{LITELLM}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"installing litellm[proxy]=={LITELLM} into {venv} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"litellm[proxy]=={LITELLM}"], check=True)
+    return python
+
+
+def start_litellm(work: Path, port: int, stub: int, paced: int) -> subprocess.Popen[bytes]:
+    config = work / "litellm.yaml"
+    config.write_text(LITELLM_CONFIG.format(stub=stub, paced=paced))
+    python = litellm_python()
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
+    return subprocess.Popen([str(python.with_name("litellm")), "--config", str(config), "--host", "127.0.0.1",
+                             "--port", str(port), "--num_workers", "1"], env=env,
+                            stdout=(work / "litellm.log").open("ab"), stderr=subprocess.STDOUT)
+
+
+def frames(body: bytes) -> tuple[int, bool]:
+    """SSE events in a stream, and whether it ended with [DONE]."""
+    events = [e for e in body.split(b"\n\n") if e.strip()]
+    return len(events), bool(events) and events[-1].strip() == b"data: [DONE]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-litellm", action="store_true", help="direct and xgen only")
+    parser.add_argument("--serve-xgen", type=int, nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_xgen:
+        return run_xgen(*args.serve_xgen)
+
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="xgen-peers-"))
+    stub, paced, xgen, peer = free_port(), free_port(), free_port(), free_port()
+    proxy_py = str(Path(__file__).resolve().with_name("proxy.py"))
+    procs = [
+        subprocess.Popen([sys.executable, proxy_py, "--serve-stub", str(stub)]),
+        subprocess.Popen([sys.executable, proxy_py, "--serve-stub", str(paced), "--pace-ms", str(PACE_MS)]),
+        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-xgen", str(xgen), str(stub),
+                          str(paced)]),
+    ]
+    if not args.no_litellm:
+        procs.append(start_litellm(work, peer, stub, paced))
+    tools = {"xgen": procs[2], f"LiteLLM {LITELLM}": procs[-1]} if not args.no_litellm else {"xgen": procs[2]}
+
+    def run(label: str, port: int, *a: Any, **kw: Any) -> dict[str, float]:
+        """One tool's turn; the other tools are stopped (SIGSTOP) meanwhile, so an idle peer's
+        background work (LiteLLM's is measurable) takes nothing from the one being measured."""
+        for other, proc in tools.items():
+            if other != label:
+                proc.send_signal(signal.SIGSTOP)
+        try:
+            return asyncio.run(load(port, *a, **kw))
+        finally:
+            for proc in tools.values():
+                proc.send_signal(signal.SIGCONT)
+
+    n = 300 if args.quick else 1500
+    try:
+        wait_http(stub)
+        wait_http(paced)
+        wait_http(xgen)
+        targets = [("direct", stub), ("xgen", xgen)]
+        if not args.no_litellm:
+            try:
+                wait_http(peer, "/health/liveliness", timeout=300)
+            except TimeoutError:
+                raise SystemExit(f"LiteLLM did not start; see {work / 'litellm.log'}") from None
+            targets.append((f"LiteLLM {LITELLM}", peer))
+        print(f"stub backend, one client, {os.cpu_count()} cores; LiteLLM {LITELLM} (one worker, logging and "
+              f"telemetry off){' not run' if args.no_litellm else ''}; work in {work}")
+        chat = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+        print("\n1. non-streaming chat (added = tool - direct)")
+        for c in (1, 16, 64):
+            got = {label: run(label, port, c, max(n, c * 20), False, chat) for label, port in targets}
+            d = got["direct"]
+            for label, r in got.items():
+                added = "" if label == "direct" else (
+                    f"  added p50 {r['p50'] - d['p50']:+7.2f} ms p99 {r['p99'] - d['p99']:+7.2f} ms  "
+                    f"{100 * r['rps'] / d['rps']:5.1f}% of direct")
+                print(f"   c={c:<3} {label:<16} p50 {r['p50']:7.2f} ms p99 {r['p99']:7.2f} ms "
+                      f"{r['rps']:8.0f} req/s{added}")
+
+        print(f"\n2. 128 streams, a token every {PACE_MS:g} ms ({STREAM_CHUNKS} tokens each)")
+        streamed = {"model": "paced", "messages": [{"role": "user", "content": "hi"}], "max_tokens": STREAM_CHUNKS}
+        reference: bytes | None = None
+        for label, port in targets:
+            port = paced if label == "direct" else port
+            bodies: list[bytes] = []
+            r = run(label, port, 128, 128, True, streamed, bodies=bodies)
+            if label == "direct":
+                reference, base = bodies[0], r
+                intact = f"{sum(b == reference for b in bodies)}/{len(bodies)} identical"
+            elif label == "xgen":
+                intact = f"{sum(b == reference for b in bodies)}/{len(bodies)} byte for byte as direct"
+            else:
+                want = frames(reference or b"")[0]
+                seen = collections.Counter(frames(b) for b in bodies).most_common(2)
+                kinds = ", ".join(f"{events} events{'' if done else ' no [DONE]'} ×{count}"
+                                  for (events, done), count in seen)
+                intact = (f"{sum(frames(b) == (want, True) for b in bodies)}/{len(bodies)} with direct's {want} "
+                          f"events and [DONE] (seen: {kinds})")
+            added = "" if label == "direct" else (
+                f" (added {r['ttfb50'] - base['ttfb50']:+.2f} / {r['ttfb99'] - base['ttfb99']:+.2f} ms)")
+            tokens = STREAM_CHUNKS * r["rps"]  # streams/s × tokens per stream
+            print(f"   {label:<16} TTFB p50 {r['ttfb50']:7.2f} ms p99 {r['ttfb99']:7.2f} ms{added}; "
+                  f"{tokens:7.0f} tokens/s = {100 * r['rps'] / base['rps']:5.1f}% of direct; {intact}")
+
+        print("\n3. a 200 KB prompt, concurrency 8, non-streaming")
+        big = {**chat, "messages": [{"role": "user", "content": "word " * 40_000}]}
+        got = {label: run(label, port, 8, max(n // 2, 200), False, big) for label, port in targets}
+        d = got["direct"]
+        for label, r in got.items():
+            added = "" if label == "direct" else (
+                f"  added p50 {r['p50'] - d['p50']:+6.2f} ms p99 {r['p99'] - d['p99']:+6.2f} ms  "
+                f"{100 * r['rps'] / d['rps']:5.1f}% of direct")
+            print(f"   {label:<16} p50 {r['p50']:7.2f} ms p99 {r['p99']:7.2f} ms {r['rps']:7.0f} req/s{added}")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
