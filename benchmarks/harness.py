@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from net import free_port
+from net import free_port, poll_status
 
 
 class Clients:
@@ -107,18 +107,13 @@ class Daemon:
         return next(m for m in self.status()["loaded_models"] if m["name"] == name)
 
     def wait(self, check: Any, timeout: float = 300) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise SystemExit(f"the daemon exited with {self.proc.returncode}; see {self.work / 'daemon.log'}")
-            try:
-                status = self.status()
-                if check(status):
-                    return status
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.01)
-        raise SystemExit(f"timed out; see {self.work / 'daemon.log'}")
+        try:
+            passed, last = poll_status(self.http, self.proc, check, timeout, interval=0.01)
+        except ChildProcessError as exc:
+            raise SystemExit(f"{exc}; see {self.work / 'daemon.log'}") from None
+        if not passed:
+            raise SystemExit(f"timed out; see {self.work / 'daemon.log'}")
+        return last
 
     def converged(self) -> dict[str, Any]:
         from reconciler.spec import load

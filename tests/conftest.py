@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from net import free_port  # tests/ is on sys.path (pytest's rootdir conftest)
+from net import free_port, poll_status  # tests/ is on sys.path (pytest's rootdir conftest)
 from tinygguf import write_tiny_llama
 
 from reconciler.drivers.llama_server import find_binary
@@ -104,19 +103,13 @@ class Daemon:
         return next((m for m in self.status()["loaded_models"] if m["name"] == name), None)
 
     def until(self, check: Any, timeout: float = 60, what: str = "a condition") -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"xgen serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                last = self.status()
-                if check(last):
-                    return last
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; last status: {last}\n{self.log()[-3000:]}")
+        try:
+            passed, last = poll_status(self.http, self.proc, check, timeout)
+        except ChildProcessError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
+        if not passed:
+            raise AssertionError(f"timed out waiting for {what}; last status: {last}\n{self.log()[-3000:]}")
+        return last
 
     def converged(self, generation: str, timeout: float = 60) -> dict[str, Any]:
         return self.until(lambda s: s["observed_generation"] == generation and s["status"] == "converged",
