@@ -9,8 +9,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 from conftest import ONE_MODEL, Daemon
+from test_activity import SCHEMA as ACTIVITY
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +54,18 @@ def test_page_renders_and_follows_a_saved_change(daemon: Daemon, page: object) -
     assert "default" in row.inner_text()
     row.locator("[data-log]").click()  # the model's log, then its new lines live
     page.locator("#log").filter(has_text="llama").wait_for(timeout=15000)  # type: ignore[attr-defined]
-    daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    for _ in range(3):
+        daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 2})
     page.locator("#log").filter(has_text="print_timing").wait_for(timeout=15000)  # type: ignore[attr-defined]
+    series = daemon.http.get("/api/management/activity").json()["models"]["smollm2"]
+    jsonschema.validate({"bucket_s": 10, "until": 0, "models": {"smollm2": series}}, ACTIVITY)
+    assert series["requests_per_s"][-1] > 0 and series["tokens_per_s"][-1] > 0 and series["p50_ms"][-1]
+    # the row's sparklines follow (the page asks every 5 s): the last request rate is no longer 0
+    row.locator("[data-activity] svg").first.wait_for(timeout=15000)
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "() => parseFloat(document.querySelector('[data-activity=\"smollm2\"] [data-requests-per-second]')"
+        "?.textContent) > 0", timeout=15000)
     page.evaluate("window.__same_page = true")  # type: ignore[attr-defined]
 
     two = ONE_MODEL.replace("active: smollm2", "  tiny:\n    path: {TINY}\n    n_ctx: 256\nactive: smollm2")

@@ -178,6 +178,13 @@ def create_app(
     async def gpus(request: Request) -> Response:
         return JSONResponse(store.gpu)
 
+    async def activity(request: Request) -> Response:
+        """Requests/s, generated tokens/s and median latency per model, last ten minutes."""
+        spec = get_spec()
+        if spec is not None:
+            proxy.activity.forget(set(spec.models))
+        return JSONResponse(proxy.activity.to_json(time.time()))
+
     async def loading(request: Request) -> Response:
         loading = {
             n: {"since": i.since, "elapsed_s": round(time.time() - i.since, 2), "port": i.port}
@@ -236,6 +243,7 @@ def create_app(
         Route("/ready", ready),
         Route("/api/management/status", management(status)),
         Route("/api/management/gpus", management(gpus)),
+        Route("/api/management/activity", management(activity)),
         Route("/api/inference/loading-status", management(loading)),
         Route("/api/events", management(events)),
         Route("/metrics", management(prometheus)),

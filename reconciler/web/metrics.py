@@ -144,26 +144,31 @@ def child(metric: M, *values: str) -> M:
     return cast(M, found)
 
 
-def count_tokens(model: str, body: bytes) -> None:
-    """Usage from a non-streamed response (one JSON parse, off the streaming path)."""
+def count_tokens(model: str, body: bytes) -> int:
+    """Usage from a non-streamed response (one JSON parse, off the streaming path); returns the
+    tokens generated."""
     try:
         usage = json.loads(body).get("usage") or {}
     except (ValueError, AttributeError):
-        return
-    _add_usage(model, usage)
+        return 0
+    return _add_usage(model, usage)
 
 
-def count_stream_tokens(model: str, last_chunk: bytes) -> None:
-    """Usage from a copy of a stream's last chunk, if the backend put it there."""
+def count_stream_tokens(model: str, last_chunk: bytes) -> int:
+    """Usage from a copy of a stream's last chunk, if the backend put it there; returns the
+    tokens generated."""
     for line in reversed(last_chunk.split(b"\n")):
         if line.startswith(b"data: {") and b'"usage"' in line:
             with contextlib.suppress(ValueError):
-                _add_usage(model, json.loads(line[6:]).get("usage") or {})
-            return
+                return _add_usage(model, json.loads(line[6:]).get("usage") or {})
+            return 0
+    return 0
 
 
-def _add_usage(model: str, usage: dict[str, object]) -> None:
-    """OpenAI's names (prompt/completion_tokens) or Anthropic's and Responses' (input/output_tokens)."""
+def _add_usage(model: str, usage: dict[str, object]) -> int:
+    """OpenAI's names (prompt/completion_tokens) or Anthropic's and Responses' (input/output_tokens);
+    returns the completion tokens."""
+    generated = 0
     for kind, names in (
         ("prompt", ("prompt_tokens", "input_tokens")),
         ("completion", ("completion_tokens", "output_tokens")),
@@ -171,3 +176,5 @@ def _add_usage(model: str, usage: dict[str, object]) -> None:
         value = next((usage[n] for n in names if isinstance(usage.get(n), int)), None)
         if isinstance(value, int) and value > 0:
             child(TOKENS, model, kind).inc(value)
+            generated = value if kind == "completion" else generated
+    return generated

@@ -32,6 +32,7 @@ from reconciler.spec import ModelSpec, Spec
 from reconciler.state import ModelInfo, ModelState
 from reconciler.store import StateStore
 from reconciler.web import metrics
+from reconciler.web.activity import Activity
 from reconciler.web.formfield import FormField, boundary_of
 from reconciler.web.gate import Gate
 from reconciler.web.jsonbody import JsonBody
@@ -170,6 +171,7 @@ class Proxy:
         self.inflight = inflight  # per backend port: a drain waits for its own process's requests
         self.clients: dict[str, tuple[int | None, aiohttp.ClientSession]] = {}  # by origin: (pid, pool)
         self.gates: dict[str, Gate] = {}  # per model with max_concurrent
+        self.activity = Activity()  # the page's sparklines
         self._closing: set[asyncio.Task[None]] = set()
         store.listeners.append(self._on_event)
 
@@ -592,7 +594,7 @@ class Proxy:
                 "endpoint_not_supported",
             )
         if resp.status == 200 and endpoint != "embeddings":
-            metrics.count_tokens(name, content)
+            self.activity.tokens(name, metrics.count_tokens(name, content), time.time())
         return Response(content, status_code=resp.status, headers=out_headers)
 
     async def _stream(
@@ -613,7 +615,7 @@ class Proxy:
             else:
                 resp.close()
             self._done(name, port, str(resp.status), t0, gate)
-            metrics.count_stream_tokens(name, usage)
+            self.activity.tokens(name, metrics.count_stream_tokens(name, usage), time.time())
 
     def _done(self, name: str, port: int, status: str, t0: float, gate: Gate | None = None) -> None:
         if gate is not None:
@@ -624,7 +626,9 @@ class Proxy:
         self.inflight[port] -= 1
         metrics.child(metrics.INFLIGHT, name).dec()
         metrics.child(metrics.REQUESTS, name, status).inc()
-        metrics.child(metrics.LATENCY, name, status).observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        metrics.child(metrics.LATENCY, name, status).observe(seconds)
+        self.activity.request(name, seconds, time.time())
 
 
 def _rewrite(doc: JsonBody, decision: Route, model: ModelSpec, info: ModelInfo) -> bytes:
