@@ -29,6 +29,7 @@ class Event:
     id: int
     kind: str  # state | plan | spec_error | spec_ok | pass_error | crash_loop | active | gpu
     data: dict[str, Any]
+    at: float = 0.0  # when it was published (the page's timeline shows it)
 
 
 @dataclass
@@ -153,7 +154,7 @@ class StateStore:
             self.models[name] = dataclasses.replace(self.models[name], **changes)
 
     def publish(self, kind: str, data: dict[str, Any]) -> Event:
-        event = Event(next(self._ids), kind, data)
+        event = Event(next(self._ids), kind, data, time.time())
         self._events.append(event)
         while len(self._events) > self.backlog:
             self._events.popleft()

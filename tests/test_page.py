@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,5 +78,18 @@ def test_page_renders_and_follows_a_saved_change(daemon: Daemon, page: object) -
     daemon.write(two.replace("n_ctx: 256", "n_ctx: [broken"))
     page.locator("#spec-error-text").filter(has_text="invalid YAML").wait_for(timeout=15000)  # type: ignore[attr-defined]
     assert page.evaluate("window.__same_page") is True  # type: ignore[attr-defined]
+    # a crash reaches the timeline live, survives a reload (the backlog is replayed) and filters
+    os.kill(daemon.model("tiny")["pid"], signal.SIGKILL)  # type: ignore[index]
+    crash = page.locator('#timeline li[data-event="state"]').filter(has_text="tiny: LOADED → ERROR")  # type: ignore[attr-defined]
+    crash.first.wait_for(timeout=15000)
+    page.reload()  # type: ignore[attr-defined]
+    crash.first.wait_for(timeout=15000)
+    assert page.locator("#timeline li").first.inner_text() != ""  # type: ignore[attr-defined]
+    page.select_option("#timeline-model", "tiny")  # type: ignore[attr-defined]
+    models = page.eval_on_selector_all(  # type: ignore[attr-defined]
+        "#timeline li", "items => items.map((li) => li.dataset.eventModel)")
+    assert models and set(models) == {"tiny"}
+    daemon.until(lambda s: daemon.model("tiny")["state"] == "LOADED", 30, "the restart")  # type: ignore[index]
+    page.select_option("#timeline-model", "")  # type: ignore[attr-defined]
     shot = ROOT / "docs" / "status-page.png" if os.environ.get("XGEN_UPDATE_SCREENSHOT") else daemon.dir / "page.png"
     page.screenshot(path=str(shot), full_page=True)  # type: ignore[attr-defined]

@@ -296,4 +296,5 @@ async def _sse(store: StateStore, last: int) -> AsyncIterator[bytes]:
         if event is None:
             yield b": keepalive\n\n"
         else:
-            yield f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(event.data)}\n\n".encode()
+            data = json.dumps({**event.data, "at": round(event.at, 3)})
+            yield f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
