@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,7 @@ class ModelInfo:
     since: float = 0.0
     failed_update: FailedUpdate | None = None  # the last replacement failed; the old version serves
     progress: float = 0.0  # how far a load is (0-1), from the backend's own output
+    argv: tuple[str, ...] = ()  # the running process's command line
 
     @property
     def endpoint(self) -> str | None:
@@ -118,6 +120,7 @@ class ModelInfo:
             "error_message": self.error_message,
             "progress": self.progress if self.state is ModelState.LOADING else None,
             "log_tail": list(self.log_tail),
+            "launch": shown_argv(self.argv),
             "gpu_index": list(self.spec.gpus),
             "config": {"n_ctx": self.spec.n_ctx, "n_gpu_layers": self.spec.n_gpu_layers, "device": self.device},
             "memory": {
@@ -134,6 +137,27 @@ class ModelInfo:
             },
             "spec": self.spec.model_dump(mode="json"),
         }
+
+
+_SECRET = re.compile(r"key|token|secret|password|passwd|auth", re.IGNORECASE)
+
+
+def shown_argv(argv: tuple[str, ...]) -> list[str]:
+    """A command line fit to show: the value of any flag that names a secret (`--api-key X`,
+    `--hf-token=X`) is masked."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append("***")
+            hide_next = False
+        elif arg.startswith("-") and _SECRET.search(arg.split("=", 1)[0]):
+            flag, eq, _ = arg.partition("=")
+            shown.append(f"{flag}=***" if eq else arg)
+            hide_next = not eq
+        else:
+            shown.append(arg)
+    return shown
 
 
 def transition(info: ModelInfo, to: ModelState, at: float, **changes: Any) -> ModelInfo:

@@ -242,7 +242,12 @@ class Supervisor:
         child = spawned
         self.children[name] = child
         self.store.update(
-            name, pid=child.proc.pid, port=child.port, started_at=child.started, launch_hash=child.launch_hash
+            name,
+            pid=child.proc.pid,
+            port=child.port,
+            started_at=child.started,
+            launch_hash=child.launch_hash,
+            argv=tuple(child.argv),
         )
         log.info("%s: started %s pid %d on port %d", name, backend, child.proc.pid, child.port)
         try:
@@ -343,6 +348,7 @@ class Supervisor:
             port=child.port,
             started_at=child.started,
             launch_hash=child.launch_hash,
+            argv=tuple(child.argv),
             error_message=None,
             log_tail=(),
             failed_update=None,

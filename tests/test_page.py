@@ -53,8 +53,10 @@ def test_page_renders_and_follows_a_saved_change(daemon: Daemon, page: object) -
     page.locator("#overall").filter(has_text="converged").wait_for(timeout=15000)  # type: ignore[attr-defined]
     page.locator("#live").and_(page.locator(".on")).wait_for(timeout=15000)  # type: ignore[attr-defined]
     assert "default" in row.inner_text()
-    row.locator("[data-log]").click()  # the model's log, then its new lines live
+    row.locator("[data-log]").click()  # the model's detail and log, then its new lines live
     page.locator("#log").filter(has_text="llama").wait_for(timeout=15000)  # type: ignore[attr-defined]
+    launch = page.locator("#detail [data-launch]").inner_text()  # type: ignore[attr-defined]
+    assert "llama-server" in launch and "--port" in launch and "--alias smollm2" in launch
     for _ in range(3):
         daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                        "max_tokens": 2})

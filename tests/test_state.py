@@ -39,3 +39,10 @@ def test_status_shape() -> None:
     assert row["endpoint"] == "http://127.0.0.1:8001/v1"
     assert row["config"] == {"n_ctx": 4096, "n_gpu_layers": 0, "device": "cpu"}
     assert row["spec"]["path"] == "/m.gguf"
+
+
+def test_a_launch_is_shown_with_its_secrets_masked() -> None:
+    from reconciler.state import shown_argv
+
+    argv = ("llama-server", "-m", "m.gguf", "--api-key", "s3cret", "--hf-token=abc", "--port", "8001")
+    assert shown_argv(argv) == ["llama-server", "-m", "m.gguf", "--api-key", "***", "--hf-token=***", "--port", "8001"]
