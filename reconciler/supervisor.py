@@ -142,6 +142,13 @@ def pdeathsig_launcher() -> tuple[str, ...]:
     return argv if ok else ()
 
 
+def remote_auth(model: ModelSpec) -> dict[str, str]:
+    """The header a remote model's server is sent: its key, read from `api_key_env` when asked
+    (so it never sits in the spec), as a Bearer token; none without one."""
+    key = os.environ.get(model.api_key_env) if model.api_key_env else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def spawn_dying_with_us(
     argv: list[str], launcher: tuple[str, ...], output: BinaryIO | int, env: dict[str, str]
 ) -> asyncio.subprocess.Process:
@@ -277,11 +284,8 @@ class Supervisor:
         """None when the remote's model list (`GET {url}/models`) names the model, else why not.
         Never says the key: only which variable holds it."""
         url = f"{(model.url or '').rstrip('/')}/models"
-        headers = {}
-        if model.api_key_env and (key := os.environ.get(model.api_key_env)):
-            headers["Authorization"] = f"Bearer {key}"
         try:
-            resp = await self._http.get(url, headers=headers, timeout=REMOTE_TIMEOUT_S)
+            resp = await self._http.get(url, headers=remote_auth(model), timeout=REMOTE_TIMEOUT_S)
         except httpx.HTTPError as exc:
             return f"cannot reach {url}: {type(exc).__name__} {exc}".rstrip()
         if resp.status_code in (401, 403):
@@ -305,10 +309,8 @@ class Supervisor:
             if why is None:
                 continue
             self.remote_checks.pop(name, None)
-            info = self.store.models[name]
-            up = time.time() - (info.started_at or time.time())
-            failures = 1 if up >= self.policy.reset_s else info.failures + 1
-            self._to_error(name, failures, why, ())
+            up = time.time() - (self.store.models[name].started_at or time.time())
+            self._to_error(name, self._failures_after(name, up), why, ())
             self.on_exit()
             return
 
@@ -414,9 +416,9 @@ class Supervisor:
     ) -> tuple[bool, str]:
         """Health is asked when the log shows a load marker, else every 50 ms (250 ms after the
         first 3 s: a 60 s vLLM load need not be asked 1,200 times); the log is looked at every
-        2 ms meanwhile (every 250 ms after 3 s), a stat() each. A request waits for this on every on-demand swap: the
-        marker cuts the wait after the engine is up to about one health request, and the
-        engine loads without a poll competing for its cores every 10 ms."""
+        2 ms meanwhile (every 250 ms after 3 s), a stat() each. A request waits for this on every
+        on-demand swap: the marker cuts the wait after the engine is up to about one health
+        request, and the engine loads without a poll competing for its cores every 10 ms."""
         t0 = time.monotonic()
         deadline = t0 + timeout
         expected = self.store.demand_of(key).load_s  # the last load of this model, if any
@@ -472,11 +474,16 @@ class Supervisor:
         await terminate_group(child.proc.pid, lambda: True, LEFTOVER_GRACE_S)
         if child.pidfile is not None:
             child.pidfile.unlink(missing_ok=True)
-        info = self.store.models[name]
         up = time.time() - child.started
-        failures = 1 if up >= self.policy.reset_s else info.failures + 1
-        self._to_error(name, failures, f"process {exit_reason(code)} after {up:.0f} s", self.log_tail(name))
+        self._to_error(
+            name, self._failures_after(name, up), f"process {exit_reason(code)} after {up:.0f} s", self.log_tail(name)
+        )
         self.on_exit()
+
+    def _failures_after(self, name: str, up: float) -> int:
+        """The failure count once a model that was up `up` seconds fails: a fresh first failure
+        after a long enough run (RestartPolicy.reset_s), else one more."""
+        return 1 if up >= self.policy.reset_s else self.store.models[name].failures + 1
 
     # ------------------------------------------------ stop
 

@@ -45,7 +45,10 @@ def scan_model(body: bytes) -> tuple[str | None, tuple[int, int] | None] | None:
             value = _SIMPLE_STRING.match(body, key.end())
             if value is None:
                 return None  # null, a number, escapes: the parser decides
-            return value.group(1).decode("utf-8", "strict"), value.span()
+            try:
+                return value.group(1).decode("utf-8", "strict"), value.span()
+            except UnicodeDecodeError:
+                return None  # not UTF-8: the parser says so
     return None, None
 
 
@@ -56,11 +59,7 @@ class JsonBody:
         self.raw = raw
         self._payload: dict[str, Any] | None = None
         self._span: tuple[int, int] | None = None
-        found = None
-        try:
-            found = scan_model(raw)
-        except UnicodeDecodeError:
-            found = None
+        found = scan_model(raw)
         if found is None or found[0] is None:  # unsure, or no `model`: the parser decides (and validates)
             self.model = self._parse().get("model")
         else:

@@ -15,7 +15,6 @@ import asyncio
 import functools
 import hmac
 import json
-import os
 import tempfile
 import time
 import urllib.parse
@@ -31,6 +30,7 @@ from reconciler.policy import apply_params
 from reconciler.spec import ModelSpec, Spec
 from reconciler.state import ModelInfo, ModelState
 from reconciler.store import StateStore
+from reconciler.supervisor import remote_auth
 from reconciler.web import metrics
 from reconciler.web.activity import Activity
 from reconciler.web.formfield import FormField, boundary_of
@@ -543,8 +543,8 @@ class Proxy:
         method = request.method if upstream is not None else "POST"
         params = request.query_params if upstream is not None else None
         headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}  # never the client's key
-        if info.backend == "remote" and info.spec.api_key_env and (key := os.environ.get(info.spec.api_key_env)):
-            headers["Authorization"] = f"Bearer {key}"
+        if info.backend == "remote":
+            headers.update(remote_auth(info.spec))
         self.inflight[port] = self.inflight.get(port, 0) + 1
         metrics.child(metrics.INFLIGHT, name).inc()
         try:
