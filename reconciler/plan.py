@@ -603,6 +603,7 @@ def _budgets(
                 "total_bytes": total,
                 "budget_bytes": budget,
                 "others_bytes": room.others,
+                "reserve_bytes": max(0, total - room.others - budget),  # kept back from xgen's models
                 "pinned_bytes": room.held,
                 "pinned": dict(room.pinned),
                 "on_demand": on_demand,
