@@ -63,6 +63,7 @@ class Daemon:
         self.vars = {"MODEL": str(model), "TINY": str(tiny), "PORT": self.port, "LOW": self.low,
                      "HIGH": self.low + 19}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # on top of the test's own environment
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
 
     @property
@@ -86,7 +87,7 @@ class Daemon:
     def start(self) -> None:
         log = (self.dir / "daemon.log").open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", self.file.name],
-                                     cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
+                                     cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self.until(lambda s: True, what="the daemon to answer")
 
     def launch(self, body: str, timeout: float = 60, *, header: bool = True) -> dict[str, Any]:
@@ -155,6 +156,15 @@ models:
     aliases: [default]
 active: smollm2
 """
+
+
+def fake_nvml_env(directory: Path, gpus: int = 8, gib: int = 24, others: str = "") -> dict[str, str]:
+    """A daemon environment whose NVML is tests/fake_nvml: `gpus` GPUs of `gib` GiB, `others`
+    ("3:10") held by processes xgen does not own, stand-in backends reporting into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent / "fake_nvml"), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "XGEN_GPU_DETECTORS": "pynvml", "FAKE_NVML_GPUS": str(gpus),
+            "FAKE_NVML_GIB": str(gib), "FAKE_NVML_OTHERS": others, "FAKE_NVML_DIR": str(directory)}
 
 
 @pytest.fixture

@@ -10,9 +10,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import jsonschema
 import pytest
-from conftest import ONE_MODEL, Daemon
+from conftest import ONE_MODEL, Daemon, fake_nvml_env
+from playwright.sync_api import Page
 from test_activity import SCHEMA as ACTIVITY
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -95,3 +97,126 @@ def test_page_renders_and_follows_a_saved_change(daemon: Daemon, page: object) -
     page.select_option("#timeline-model", "")  # type: ignore[attr-defined]
     shot = ROOT / "docs" / "status-page.png" if os.environ.get("XGEN_UPDATE_SCREENSHOT") else daemon.dir / "page.png"
     page.screenshot(path=str(shot), full_page=True)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- a big box: 50 models on 8 GPUs
+
+FAMILIES = ["llama", "qwen", "mistral", "gemma", "phi", "deepseek"]
+
+
+def big_spec(port: int, low: int, gguf: Path, extra: str = "") -> str:
+    """50 models: 40 on 8 GPUs (5 each, contexts of 8k to 64k), 10 on the CPU, a few aliases."""
+    # braces doubled: Daemon.write fills {MODEL}-style fields in
+    lines = [f"server: {{{{port: {port}, port_range: [{low}, {low + 79}], stop_grace_s: 5}}}}", "models:"]
+    for i in range(50):
+        ctx = [8192, 16384, 32768, 65536][i % 4]
+        lines += [f"  {FAMILIES[i % 6]}-{i:02d}:", f"    path: {gguf}", f"    n_ctx: {ctx}"]
+        if i < 40:
+            lines += [f"    gpu_index: {i % 8}", "    n_gpu_layers: -1"]
+        if i % 7 == 0:
+            lines.append(f"    aliases: [{FAMILIES[i % 6]}-latest-{i}]")
+    return "\n".join(lines) + extra + "\nactive: llama-00\n"
+
+
+def device_bars(page: Page) -> dict[str, tuple[int, int]]:
+    """Each device's bar: (its total, the sum of its parts) as the page drew them."""
+    found = page.eval_on_selector_all(
+        "[data-device]", """devices => devices.map((d) => [d.dataset.device, +d.querySelector('.bar').dataset.total,
+          [...d.querySelectorAll('.bar [data-bytes]')].reduce((a, s) => a + +s.dataset.bytes, 0)])""")
+    return {name: (total, parts) for name, total, parts in found}
+
+
+def shoot(page: Page, daemon: Daemon, name: str) -> None:
+    """A full-page picture; for docs/ (XGEN_UPDATE_SCREENSHOT=1) in 64 colours, which the page's
+    few colours survive at a third of the size."""
+    shot = daemon.dir / name
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("XGEN_UPDATE_SCREENSHOT"):
+        from PIL import Image
+
+        with Image.open(shot) as picture:
+            small = picture.convert("RGB").quantize(64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            small.save(ROOT / "docs" / name, optimize=True)
+
+
+def test_page_with_50_models_on_8_gpus(tmp_path: Path, page: Page) -> None:
+    """Stand-ins for llama-server (50 real engines would not fit a test machine) and for NVML
+    (8 GPUs of 24 GiB, 10 GiB of GPU 3 held by someone else); xgen, the page and the browser are real.
+    Shoots the four pictures in docs/: a healthy box, a busy one, a refused plan, a crash loop."""
+    from stub_llama_server import write_stub_llama_server
+    from tinygguf import write_tiny_llama
+
+    stub = write_stub_llama_server(tmp_path / "bin")
+    gguf = write_tiny_llama(tmp_path / "tiny.gguf", ctx=131072)
+    daemon = Daemon(tmp_path, gguf, gguf)
+    daemon.env = {**fake_nvml_env(tmp_path / "nvml", gpus=8, gib=24, others="3:10"), "XGEN_LLAMA_SERVER": str(stub)}
+    low = 12000 + (os.getpid() % 50) * 100  # 80 ports of its own, below the ephemeral range
+    spec = big_spec(daemon.port, low, gguf)
+    try:
+        daemon.launch(spec, timeout=180, header=False)
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.goto(daemon.url + "/")
+        page.locator("#counts").filter(has_text="50 LOADED").wait_for(timeout=15000)
+        assert page.locator("#models tr[data-model]").count() == 50
+        page.locator('[data-device="cpu"]').wait_for(timeout=15000)
+        bars = device_bars(page)
+        assert sorted(bars) == ["cpu"] + [f"gpu{i}" for i in range(8)]
+        for device, (total, parts) in bars.items():  # every byte of each device accounted for, once
+            assert parts == total, (device, total, parts)
+        gpu3 = page.locator('[data-device="gpu3"]').inner_text()
+        assert "other processes 9." in gpu3 or "other processes 10." in gpu3, gpu3
+        assert page.locator('[data-device="gpu0"] .seg.model').count() == 5
+        shoot(page, daemon, "status-healthy.png")
+
+        # busy: traffic to eight models; their sparklines and rates move
+        busy = [f"{FAMILIES[i % 6]}-{i:02d}" for i in range(8)]
+        done = 0
+        with httpx.Client(base_url=daemon.url, timeout=30) as client:
+            for _ in range(12):
+                for name in busy:
+                    r = client.post("/v1/chat/completions", json={"model": name, "max_tokens": 8,
+                                                                   "messages": [{"role": "user", "content": "hi"}]})
+                    done += r.status_code == 200
+        assert done == 96
+        page.wait_for_function(
+            "names => names.every((n) => parseFloat(document.querySelector(`[data-activity=\"${n}\"] "
+            "[data-tokens-per-second]`)?.textContent) > 0)", arg=busy, timeout=15000)
+        shoot(page, daemon, "status-busy.png")
+
+        # refused: one more model that GPU 0 cannot hold; nothing changes, the page says why
+        huge = f"\n  huge:\n    path: {gguf}\n    n_ctx: 4194304\n    gpu_index: 0\n    n_gpu_layers: -1"
+        daemon.write(big_spec(daemon.port, low, gguf, huge), header=False)
+        refused = page.locator("#plan-refused-text")
+        refused.filter(has_text="short by").wait_for(timeout=15000)
+        assert "GPU 0" in refused.inner_text()
+        assert page.locator('[data-device="gpu0"] .short').count() == 1
+        assert page.locator("#counts").inner_text().endswith("50 LOADED")
+        shoot(page, daemon, "status-refused.png")
+        daemon.converged(daemon.write(spec, header=False))
+
+        # a crash loop: the model's engine dies and then fails every restart
+        victim = "qwen-07"
+        (stub.parent / f"crash-{victim}").touch()
+        os.kill(daemon.model(victim)["pid"], signal.SIGKILL)
+        row = page.locator(f'tr[data-model="{victim}"]')
+        row.locator("[data-crashloop]").wait_for(timeout=30000)
+        page.locator(f'[data-error-for="{victim}"]').filter(has_text="exit").wait_for(timeout=15000)
+        page.locator('#timeline li[data-event="crash_loop"]').first.wait_for(timeout=15000)
+        row.locator("[data-log]").click()
+        detail = page.locator("#detail [data-detail-error]")
+        detail.filter(has_text="not within the file bounds").wait_for(timeout=15000)
+        shoot(page, daemon, "status-crashloop.png")
+
+        # a phone: nothing wider than the screen; the table scrolls in its own box
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.reload()
+        row.locator("[data-crashloop]").wait_for(timeout=15000)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.fill("#model-filter", "qwen")
+        shown = page.eval_on_selector_all("#models tr[data-model]", "rows => rows.map((r) => r.dataset.model)")
+        assert shown and all(name.startswith("qwen") for name in shown)
+    finally:
+        daemon.stop()
+        daemon.http.close()
+    left = subprocess.run(["pgrep", "-f", str(stub)], capture_output=True, text=True).stdout.split()
+    assert not left, f"stand-in backends left running: {left}"
