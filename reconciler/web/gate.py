@@ -24,6 +24,7 @@ class Gate:
         self.limit = 1
         self.running = 0
         self.waiting: deque[asyncio.Future[None]] = deque()
+        self.queued = metrics.child(metrics.QUEUED, model)  # at 0 from the start: a gated model shows it
 
     async def enter(
         self, limit: int, queue: int, timeout_s: float, gone: Callable[[], Awaitable[object]] | None = None
@@ -43,7 +44,7 @@ class Gate:
             )
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiting.append(turn)
-        metrics.QUEUED.labels(self.model).inc()
+        self.queued.inc()
         t0 = time.perf_counter()
         watcher: asyncio.Future[Any] | None = asyncio.ensure_future(gone()) if gone is not None else None
         waits: list[asyncio.Future[Any]] = [turn, *([watcher] if watcher else [])]
@@ -55,7 +56,7 @@ class Gate:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            metrics.QUEUED.labels(self.model).dec()
+            self.queued.dec()
         if turn in done:
             metrics.QUEUE_SECONDS.labels(self.model).observe(time.perf_counter() - t0)
             return None

@@ -81,6 +81,15 @@ QUEUE_SECONDS = Histogram(
 )
 TOKENS = Counter("xgen_tokens_total", "Tokens reported by backends (usage)", ["model", "kind"], registry=REGISTRY)
 GPU_MEMORY = Gauge("xgen_gpu_memory_bytes", "GPU memory", ["gpu", "kind"], registry=REGISTRY)
+MODEL_MEMORY = Gauge(
+    "xgen_model_memory_bytes",
+    "Memory of a running model per device (gpu0 …, cpu): the planner's estimate, and what was measured",
+    ["model", "device", "kind"],
+    registry=REGISTRY,
+)
+RESTARTS = Gauge(
+    "xgen_model_restarts", "Times a model's process was started again after a failure", ["model"], registry=REGISTRY
+)
 GPU_UTIL = Gauge("xgen_gpu_utilization_percent", "GPU utilisation", ["gpu"], registry=REGISTRY)
 
 
@@ -111,12 +120,15 @@ def observe_event(kind: str, data: dict[str, object]) -> None:
 
 def refresh(store: StateStore) -> None:
     """Gauges that mirror the store, set just before a scrape."""
-    MODEL_STATE.clear()
-    CRASH_LOOPING.clear()
-    UPDATE_FAILED.clear()
+    for gauge in (MODEL_STATE, CRASH_LOOPING, UPDATE_FAILED, MODEL_MEMORY, RESTARTS):
+        gauge.clear()
     for name, info in store.models.items():
         CRASH_LOOPING.labels(name).set(info.crash_looping)
         UPDATE_FAILED.labels(name).set(info.failed_update is not None)
+        RESTARTS.labels(name).set(info.restarts)
+        for kind, sizes in (("estimated", info.estimated), ("measured", info.measured)):
+            for device, size in (sizes or {}).items():
+                MODEL_MEMORY.labels(name, device, kind).set(size)
         for state in ModelState:
             if state is not ModelState.GONE:
                 MODEL_STATE.labels(name, state.value).set(1 if info.state is state else 0)
