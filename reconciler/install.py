@@ -77,6 +77,32 @@ def _build_tools() -> tuple[str, str | None]:
     return cmake, ninja
 
 
+def cmake_configure(
+    cmake: str, ninja: str | None, source: Path, build: Path, flavor: str, cuda_archs: str
+) -> list[str]:
+    """The configure command for llama-server: portable CPU code, one static binary, and for the
+    `cuda` flavor the CUDA backend for `cuda_archs` (CUDAARCHS, e.g. 90 for H100)."""
+    configure = [
+        cmake,
+        "-S",
+        str(source),
+        "-B",
+        str(build),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DGGML_NATIVE=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+    ]
+    if ninja:
+        configure[1:1] = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    if flavor == "cuda":
+        configure += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}"]
+    return configure
+
+
 def build_llama_server(flavor: str = "cpu", jobs: int | None = None) -> Path:
     """Build `llama-server` from the bundled llama.cpp tree into the cache; return its path.
 
@@ -102,25 +128,7 @@ def build_llama_server(flavor: str = "cpu", jobs: int | None = None) -> Path:
             tar.extractall(work / "src", members=members, filter="data")
         source = next((work / "src").iterdir()) / "llama.cpp"
         build = work / "build"
-        configure = [
-            cmake,
-            "-S",
-            str(source),
-            "-B",
-            str(build),
-            "-DCMAKE_BUILD_TYPE=Release",
-            "-DLLAMA_BUILD_TESTS=OFF",
-            "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_CURL=OFF",
-            "-DLLAMA_OPENSSL=OFF",
-            "-DGGML_NATIVE=OFF",
-            "-DBUILD_SHARED_LIBS=OFF",
-        ]
-        if ninja:
-            configure[1:1] = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        if flavor == "cuda":
-            arch = os.environ.get("CUDAARCHS", "90")
-            configure += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]
+        configure = cmake_configure(cmake, ninja, source, build, flavor, os.environ.get("CUDAARCHS", "90"))
         _log(
             f"configuring llama.cpp ({flavor}); building llama-server with {jobs} jobs "
             "(about 12 minutes on 2 cores, once)"

@@ -136,3 +136,19 @@ def test_the_image_serves_the_default_model_and_stops_cleanly(podman_ready: dict
     assert state == "0", f"exit code {state} after {took:.1f} s:\n{(logs.stdout + logs.stderr)[-3000:]}"
     left = subprocess.run(["pgrep", "-f", "/opt/xgen/cache/llama-server"], capture_output=True, text=True).stdout
     assert not left.strip(), f"processes left after the container stopped: {left}"
+
+
+def test_the_gpu_flavour_is_the_same_dockerfile_with_build_arguments() -> None:
+    """Not built here (no CUDA base image is reachable): what can be checked is that FLAVOR and
+    CUDAARCHS reach `xgen install`, that the image keeps that flavour's binary, and the CUDA
+    configure line the GPU runs in docs/ were built with."""
+    from reconciler.install import cmake_configure
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG FLAVOR=cpu$", text, re.M) and re.search(r"^ARG CUDAARCHS=", text, re.M)
+    assert re.search(r"^ARG RUNTIME_BASE=\$\{BASE\}$", text, re.M) and "FROM ${RUNTIME_BASE}" in text
+    assert "CUDAARCHS=${CUDAARCHS} /opt/xgen/venv/bin/xgen install --flavor ${FLAVOR}" in text
+    assert "llama-server/*-${FLAVOR} /opt/xgen/cache/llama-server/" in text
+    cuda = cmake_configure("cmake", None, Path("src"), Path("build"), "cuda", "90")
+    assert "-DGGML_CUDA=ON" in cuda and "-DCMAKE_CUDA_ARCHITECTURES=90" in cuda and "-DBUILD_SHARED_LIBS=OFF" in cuda
+    assert not any("CUDA" in arg for arg in cmake_configure("cmake", None, Path("src"), Path("build"), "cpu", "90"))
