@@ -18,6 +18,7 @@ import pytest
 import yaml
 from conftest import Daemon, fake_nvml_env
 from net import free_port
+from test_faults import TWO
 
 pytestmark = pytest.mark.integration
 KIT = Path(__file__).resolve().parent.parent / "examples" / "observability"
@@ -66,18 +67,7 @@ def prometheus(tmp_path: Path, daemon: Daemon) -> Iterator[str]:
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(daemon: Daemon, prometheus: str) -> None:
     daemon.env = fake_nvml_env(daemon.dir / "nvml", gpus=1)
-    daemon.launch("""\
-models:
-  smollm2:
-    path: {MODEL}
-    n_ctx: 1024
-    aliases: [default]
-  tiny:
-    path: {TINY}
-    n_ctx: 256
-    max_concurrent: 2
-active: smollm2
-""")
+    daemon.launch(TWO.replace("n_ctx: 256", "n_ctx: 256\n    max_concurrent: 2"))  # a gated model: the queue panel
     queries = dashboard_queries()
     assert len(queries) >= 15
     missing: list[str] = []
