@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +84,10 @@ def image(podman_ready: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     if not (cached_llama_server("cpu").exists() and default_model_path().exists()):
         pytest.fail("run `xgen install` first (the README's test command does): the build reuses its cache")
     mounts = ["-v", f"{cache_dir()}:/root/.cache/xgen"]
-    ca = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    configured = next((line.split("=", 1)[1].strip("'\"") for line in listed.splitlines()
+                       if line.startswith(("global.cert=", ":env:.cert="))), "")
+    ca = os.environ.get("PIP_CERT") or configured or os.environ.get("SSL_CERT_FILE")
     if ca and Path(ca).is_file():  # pip inside the build trusts what pip here trusts
         conf = tmp_path_factory.mktemp("pip") / "pip.conf"
         conf.write_text("[global]\ncert = /run/host-ca.pem\n")
