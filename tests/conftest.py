@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,18 @@ from tinygguf import write_tiny_llama
 from reconciler.drivers.llama_server import find_binary
 from reconciler.install import default_model_path
 from reconciler.spec import load
+
+
+def debian_tool(name: str, *packages: str) -> str | None:
+    """`name` on PATH, else installed from Debian's `packages` (default: its own name) with
+    apt-get where that can run (as root: a fresh CI machine); None if neither."""
+    found = shutil.which(name)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *(packages or (name,))], check=False, capture_output=True,
+                       timeout=900)
+        found = shutil.which(name)
+    return found
 
 
 @pytest.fixture(scope="session")

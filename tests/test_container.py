@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import debian_tool
 from net import free_port
 
 from reconciler.install import cache_dir, cached_llama_server, default_model_path
@@ -57,11 +58,7 @@ def debian_mirror() -> str:
 
 @pytest.fixture(scope="module")
 def podman_ready(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    if shutil.which("podman") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "podman", "runc", "debootstrap"],
-                       check=False, capture_output=True, timeout=900)
-    if shutil.which("podman") is None or shutil.which("runc") is None:
+    if debian_tool("podman", "podman", "runc", "debootstrap") is None or shutil.which("runc") is None:
         pytest.skip("podman and runc are not installed and cannot be (needs root and apt-get): "
                     "install Debian's podman, runc and debootstrap to build and run the image")
     env = podman_env(tmp_path_factory.mktemp("podman"))

@@ -5,9 +5,7 @@ and every PromQL query of the Grafana dashboard returns data through Prometheus'
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import Daemon, fake_nvml_env
+from conftest import Daemon, debian_tool, fake_nvml_env
 from net import free_port
 from test_faults import TWO
 
@@ -24,15 +22,11 @@ pytestmark = pytest.mark.integration
 KIT = Path(__file__).resolve().parent.parent / "examples" / "observability"
 
 
-def debian_tool(name: str, package: str) -> str:
-    """A program from Debian's packages; installed with apt-get on a fresh root machine (CI)."""
-    found = shutil.which(name)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=False, capture_output=True, timeout=900)
-        found = shutil.which(name)
+def prometheus_tool(name: str) -> str:
+    """prometheus or promtool, from Debian's `prometheus` package."""
+    found = debian_tool(name, "prometheus")
     if found is None:
-        pytest.fail(f"{name} not found: install the distribution's `{package}` package")
+        pytest.fail(f"{name} not found: install the distribution's `prometheus` package")
     return found
 
 
@@ -45,8 +39,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 @pytest.fixture
 def prometheus(tmp_path: Path, daemon: Daemon) -> Iterator[str]:
-    binary = debian_tool("prometheus", "prometheus")
-    promtool = debian_tool("promtool", "prometheus")
+    binary = prometheus_tool("prometheus")
+    promtool = prometheus_tool("promtool")
     check = subprocess.run([promtool, "check", "config", str(KIT / "prometheus.yml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     config = yaml.safe_load((KIT / "prometheus.yml").read_text())  # the shipped file, pointed at this daemon

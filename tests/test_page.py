@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from conftest import ONE_MODEL, Daemon, fake_nvml_env
+from conftest import ONE_MODEL, Daemon, debian_tool, fake_nvml_env
 from playwright.sync_api import Page
 from test_activity import SCHEMA as ACTIVITY
 
@@ -26,11 +26,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """The distribution's Chromium; installed with apt-get on a fresh root machine (CI)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, capture_output=True, timeout=900)
-        found = shutil.which("chromium")
+    found = shutil.which("chromium-browser") or debian_tool("chromium")
     if found is None:
         pytest.fail("Chromium not found: install the distribution's `chromium` package")
     return found
