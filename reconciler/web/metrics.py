@@ -188,5 +188,6 @@ def _add_usage(model: str, usage: dict[str, object]) -> int:
         value = next((usage[n] for n in names if isinstance(usage.get(n), int)), None)
         if isinstance(value, int) and value > 0:
             child(TOKENS, model, kind).inc(value)
-            generated = value if kind == "completion" else generated
+            if kind == "completion":
+                generated = value
     return generated
