@@ -1,4 +1,4 @@
-"""The container image (Dockerfile at the repository root), built and run for real with podman:
+"""The container image (examples/container/Dockerfile), built and run for real with podman:
 it answers /v1 from the default model, reports healthy, and on `podman stop` drains, exits 0 and
 leaves no process behind.
 
@@ -28,6 +28,7 @@ from reconciler.install import cache_dir, cached_llama_server, default_model_pat
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "examples" / "container" / "Dockerfile"  # built with the repository root as its context
 BASE = "localhost/xgen-test-base:bookworm"
 IMAGE = "localhost/xgen:test"
 
@@ -89,8 +90,8 @@ def image(podman_ready: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         conf = tmp_path_factory.mktemp("pip") / "pip.conf"
         conf.write_text("[global]\ncert = /run/host-ca.pem\n")
         mounts += ["-v", f"{ca}:/run/host-ca.pem:ro", "-v", f"{conf}:/etc/pip.conf:ro"]
-    podman(podman_ready, "build", "--format", "docker", "--build-arg", f"BASE={BASE}", *mounts,
-           "-t", IMAGE, str(ROOT), timeout=1800)
+    podman(podman_ready, "build", "--format", "docker", "-f", str(DOCKERFILE), "--ignorefile",
+           f"{DOCKERFILE}.dockerignore", "--build-arg", f"BASE={BASE}", *mounts, "-t", IMAGE, str(ROOT), timeout=1800)
     return IMAGE
 
 
@@ -145,7 +146,7 @@ def test_the_gpu_flavour_is_the_same_dockerfile_with_build_arguments() -> None:
     configure line the GPU runs in docs/ were built with."""
     from reconciler.install import cmake_configure
 
-    text = (ROOT / "Dockerfile").read_text()
+    text = DOCKERFILE.read_text()
     assert re.search(r"^ARG FLAVOR=cpu$", text, re.M) and re.search(r"^ARG CUDAARCHS=", text, re.M)
     assert re.search(r"^ARG RUNTIME_BASE=\$\{BASE\}$", text, re.M) and "FROM ${RUNTIME_BASE}" in text
     assert "CUDAARCHS=${CUDAARCHS} /opt/xgen/venv/bin/xgen install --flavor ${FLAVOR}" in text
