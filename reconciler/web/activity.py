@@ -31,7 +31,9 @@ class Activity:
         self.models: dict[str, list[_Bucket]] = {}
 
     def _bucket(self, model: str, now: float) -> _Bucket:
-        ring = self.models.setdefault(model, [_Bucket() for _ in range(BUCKETS)])
+        ring = self.models.get(model)
+        if ring is None:  # not setdefault: its default would build 60 buckets on every request
+            ring = self.models[model] = [_Bucket() for _ in range(BUCKETS)]
         number = int(now // BUCKET_S)
         bucket = ring[number % BUCKETS]
         if bucket.start != number:  # a slot from ten minutes ago: start it afresh
