@@ -40,6 +40,7 @@ from reconciler.supervisor import RestartPolicy, tree_rss
 
 log = logging.getLogger("xgen")
 DEBOUNCE_MS = 50
+DUE_SLACK_S = 0.005
 RESYNC_S = 10.0
 GPU_SAMPLE_S = 5.0
 PASS_RETRY_S = 1.0  # after a pass failed unexpectedly
@@ -125,9 +126,11 @@ class Reconciler:
         if self.spec is not None:
             idle = (self.store.idle_at(n, m.idle_unload_s) for n, m in self.spec.on_demand.items())
             due += [t for t in idle if t is not None and t > now]
-        waits = [RESYNC_S, *(t - now for t in due)]
+        # a little after each due time: a timer may fire a millisecond early (uvloop counts whole
+        # ms), and a pass that starts just before a retry is due leaves it for the next resync
+        waits = [RESYNC_S, *(t - now + DUE_SLACK_S for t in due)]
         if self._due is not None:
-            waits.append(self._due - time.monotonic())
+            waits.append(self._due - time.monotonic() + DUE_SLACK_S)
         return max(0.01, min(waits))
 
     async def _watch_file(self) -> None:
