@@ -58,8 +58,21 @@ def test_what_is_not_an_object_is_refused(raw: bytes) -> None:
 
 def test_a_200_kb_prompt_is_not_parsed_to_route_it() -> None:
     prompt = "word " * 40_000
-    raw = json.dumps({"messages": [{"role": "user", "content": prompt}], "model": "alias"}).encode()
-    doc = JsonBody(raw)
-    assert doc.model == "alias" and doc._payload is None  # found by the scan alone
+    messages = [{"role": "user", "content": prompt}]
+    raw = json.dumps({"model": "alias", "messages": messages}).encode()
+    doc = JsonBody(raw)  # `model` first: the scan finds it
+    assert doc.model == "alias" and doc._payload is None and doc._top is None
+    assert doc.encode("real") == raw.replace(b'"model": "alias"', b'"model": "real"')
+    raw = json.dumps({"messages": messages, "model": "alias"}).encode()
+    doc = JsonBody(raw)  # after the prompt (as the OpenAI SDK sends it): the top level is read, not the prompt
+    assert doc.model == "alias" and doc._payload is None and doc._top is not None
     routed = doc.encode("real")
-    assert routed == raw.replace(b'"model": "alias"', b'"model": "real"') and doc._payload is None
+    assert json.loads(routed) == {"messages": messages, "model": "real"} and doc._payload is None
+    assert json.dumps(messages).encode() in routed  # the prompt's own bytes, not encoded again
+
+
+def test_past_the_scan_limit_the_top_level_decides() -> None:
+    nested = {"tools": [{"model": "inner", "pad": "x" * 5000}], "model": "outer"}
+    assert scan_model(json.dumps(nested).encode()) is None
+    assert JsonBody(json.dumps(nested).encode()).model == "outer"
+    assert JsonBody(json.dumps({"pad": "x" * 5000}).encode()).model is None
