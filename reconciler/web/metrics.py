@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from typing import Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -157,13 +158,19 @@ def child(metric: M, *values: str) -> M:
 
 
 def count_tokens(model: str, body: bytes) -> int:
-    """Usage from a non-streamed response (one JSON parse, off the streaming path); returns the
-    tokens generated."""
-    try:
-        usage = json.loads(body).get("usage") or {}
-    except (ValueError, AttributeError):
+    """Usage from a non-streamed response; returns the tokens generated. Read from the last
+    `"usage"` on (backends put it last; `"usage"` cannot occur unescaped inside a JSON string, so
+    it is a key) without parsing the answer: a parse was 7% of the proxy's CPU under load."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
         return 0
+    usage: dict[str, object] = {}
+    for name, value in _USAGE_FIELD.findall(body, at):
+        usage.setdefault(name.decode(), int(value))
     return _add_usage(model, usage)
+
+
+_USAGE_FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
 
 
 def count_stream_tokens(model: str, last_chunk: bytes) -> int:
