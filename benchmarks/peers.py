@@ -2,7 +2,7 @@
 in one run, as ratios against the stub reached directly.
 
 The stub and the client are benchmarks/proxy.py's (raw asyncio, keep-alive). xgen is its real
-app and uvicorn settings with the stub registered as a loaded model; LiteLLM is its proxy
+front and app as `xgen serve` runs them, the stub registered as a loaded model; LiteLLM is its proxy
 server (`litellm --config`, one worker, logging, telemetry and spend logs off), installed into
 its own virtualenv under ~/.cache/xgen/peers/ by this script, version pinned and printed.
 
@@ -59,10 +59,8 @@ general_settings:
 
 
 def run_xgen(port: int, stub: int, paced: int) -> None:
-    """xgen's app and uvicorn settings, the two stubs registered as loaded models."""
-    import uvicorn
-
-    from reconciler.serve import uvicorn_config
+    """xgen's front and app as `xgen serve` runs them, the two stubs registered as loaded models."""
+    from reconciler.serve import serve_app
     from reconciler.spec import ModelSpec, Spec
     from reconciler.state import ModelInfo, ModelState
     from reconciler.store import StateStore
@@ -74,7 +72,7 @@ def run_xgen(port: int, stub: int, paced: int) -> None:
         store.models[name] = ModelInfo(name, spec.models[name], "llama-server", ModelState.LOADED, port=port_of,
                                        started_at=time.time())
     app = create_app(store, lambda: spec, {}, {})
-    uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).run()
+    serve_app(app, "127.0.0.1", port)
 
 
 def litellm_python() -> Path:
@@ -102,6 +100,10 @@ def frames(body: bytes) -> tuple[int, bool]:
     """SSE events in a stream, and whether it ended with [DONE]."""
     events = [e for e in body.split(b"\n\n") if e.strip()]
     return len(events), bool(events) and events[-1].strip() == b"data: [DONE]"
+
+
+def goal(met: bool, what: str) -> None:
+    print(f"   goal (issue 13): {what}: {'met' if met else 'NOT met'}")
 
 
 def main() -> None:
@@ -166,6 +168,11 @@ def main() -> None:
                     f"{100 * r['rps'] / d['rps']:5.1f}% of direct")
                 print(f"   c={c:<3} {label:<16} p50 {r['p50']:7.2f} ms p99 {r['p99']:7.2f} ms "
                       f"{r['rps']:8.0f} req/s{added}")
+            x = got["xgen"]
+            if c == 1:
+                goal(x["p50"] - d["p50"] <= 0.3 and x["p99"] - d["p99"] <= 0.7, "added p50 <= 0.3 ms, p99 <= 0.7 ms")
+            elif c == 64:
+                goal(x["p99"] - d["p99"] <= 10 and x["rps"] >= 0.4 * d["rps"], "added p99 <= 10 ms, >= 40% of direct")
 
         print(f"\n2. 128 streams, a token every {PACE_MS:g} ms ({STREAM_CHUNKS} tokens each)")
         streamed = {"model": "paced", "messages": [{"role": "user", "content": "hi"}], "max_tokens": STREAM_CHUNKS}
@@ -191,6 +198,10 @@ def main() -> None:
             tokens = STREAM_CHUNKS * r["rps"]  # streams/s × tokens per stream
             print(f"   {label:<16} TTFB p50 {r['ttfb50']:7.2f} ms p99 {r['ttfb99']:7.2f} ms{added}; "
                   f"{tokens:7.0f} tokens/s = {100 * r['rps'] / base['rps']:5.1f}% of direct; {intact}")
+            if label == "xgen":
+                goal(r["ttfb99"] - base["ttfb99"] <= 10 and r["rps"] >= 0.98 * base["rps"]
+                     and all(b == reference for b in bodies),
+                     "added TTFB p99 <= 10 ms, >= 98% of direct tokens/s, every frame exact")
 
         print("\n3. a 200 KB prompt, concurrency 8, non-streaming")
         big = {**chat, "messages": [{"role": "user", "content": "word " * 40_000}]}
@@ -201,6 +212,7 @@ def main() -> None:
                 f"  added p50 {r['p50'] - d['p50']:+6.2f} ms p99 {r['p99'] - d['p99']:+6.2f} ms  "
                 f"{100 * r['rps'] / d['rps']:5.1f}% of direct")
             print(f"   {label:<16} p50 {r['p50']:7.2f} ms p99 {r['p99']:7.2f} ms {r['rps']:7.0f} req/s{added}")
+        goal(got["xgen"]["p99"] - d["p99"] <= 2, "added p99 <= 2 ms")
     finally:
         for p in procs:
             p.terminate()

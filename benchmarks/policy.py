@@ -32,9 +32,7 @@ from net import free_port
 
 def run_policy_proxy(port: int, stub_port: int, far_port: int) -> None:
     """xgen's app with the stub under several policies, and a remote model behind a second xgen."""
-    import uvicorn
-
-    from reconciler.serve import uvicorn_config
+    from reconciler.serve import serve_app
     from reconciler.spec import ModelSpec, ParamRules, Spec
     from reconciler.state import ModelInfo, ModelState
     from reconciler.store import StateStore
@@ -57,7 +55,7 @@ def run_policy_proxy(port: int, stub_port: int, far_port: int) -> None:
                                        port=None if name == "far" else stub_port, started_at=time.time())
     store.active = "plain"
     app = create_app(store, lambda: spec, {}, {})
-    uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).run()
+    serve_app(app, "127.0.0.1", port)
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """What the /v1 proxy adds, measured from the client against the backend reached directly.
 
 Part 1 isolates the proxy: a fast OpenAI-compatible stub backend (raw asyncio, keep-alive),
-reached directly and through xgen's proxy app (the same app and uvicorn settings `xgen serve`
-uses, with the stub registered as a LOADED model). Part 2 does the same against the real
+reached directly and through xgen (its front and app wired as `xgen serve` wires them, with the
+stub registered as a LOADED model). Part 2 does the same against the real
 llama-server with the default model, through a real `xgen serve`.
 
 Prints added latency p50/p99 at concurrency 1, 16, 64 (non-streaming), time to first byte for
@@ -90,9 +90,7 @@ def run_stub(port: int, pace_ms: float = 0) -> None:
 
 
 def run_proxy(port: int, backend_port: int) -> None:
-    import uvicorn
-
-    from reconciler.serve import uvicorn_config
+    from reconciler.serve import serve_app
     from reconciler.spec import ModelSpec, Spec
     from reconciler.state import ModelInfo, ModelState
     from reconciler.store import StateStore
@@ -104,7 +102,7 @@ def run_proxy(port: int, backend_port: int) -> None:
                                      port=backend_port, started_at=time.time())
     store.active = "stub"
     app = create_app(store, lambda: spec, {}, {})
-    uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).run()
+    serve_app(app, "127.0.0.1", port)
 
 
 # ---------------------------------------------------------------- client

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import signal
-from collections.abc import Iterator
+import socket
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -28,9 +31,11 @@ from reconciler.store import StateStore
 from reconciler.supervisor import Supervisor, cleanup_orphans
 from reconciler.watch import Reconciler
 from reconciler.web.app import create_app
+from reconciler.web.front import Front, app_socket_name
 
 log = logging.getLogger("xgen")
 DRAIN_S = 30.0
+T = TypeVar("T")
 
 
 class _Server(uvicorn.Server):
@@ -39,20 +44,84 @@ class _Server(uvicorn.Server):
         yield  # signals are ours (see serve); uvicorn must not re-raise them at exit
 
 
-def uvicorn_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
-    """No access log or proxy-headers middleware on the hot path (we log actions ourselves);
-    in-flight requests get DRAIN_S at shutdown."""
+def uvicorn_config(app: Starlette) -> uvicorn.Config:
+    """The app behind the front (front.py), on its private socket: no access log (we log actions
+    ourselves); the client's address from the front's x-forwarded-for (only the front can reach
+    this socket); idle connections kept longer than the front keeps them, so the front never
+    sends on one uvicorn is closing; in-flight requests get DRAIN_S at shutdown."""
     return uvicorn.Config(
         app,
-        host=host,
-        port=port,
         access_log=False,
         log_level="warning",
-        proxy_headers=False,
+        proxy_headers=True,
+        forwarded_allow_ips="*",
+        timeout_keep_alive=3600,
         timeout_graceful_shutdown=int(DRAIN_S),
         lifespan="on",
         backlog=2048,
     )
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """The event loop: uvloop where installed (the proxy's numbers are measured on it)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The public socket, bound before anything starts; raises OSError with what to do."""
+    try:
+        return socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=2048
+        )
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"port {port} on {host} is taken: stop what uses it, or pass --port") from exc
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+class Http:
+    """The public socket (the front) and, behind it, the app (uvicorn on a private unix socket)."""
+
+    def __init__(self, app: Starlette, sock: socket.socket) -> None:
+        self.sock = sock
+        self.name = app_socket_name()
+        self.inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.inner.bind(self.name)
+        self.inner.listen(2048)
+        self.server = _Server(uvicorn_config(app))
+        self.front = Front(app.state.proxy, self.name)
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Serve until stop(); then drain (bounded by DRAIN_S) and end both."""
+        app = asyncio.create_task(self.server.serve(sockets=[self.inner]))
+        await self.front.start(self.sock)
+        stopping = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({app, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        await self.front.drain(DRAIN_S)
+        self.server.should_exit = True
+        await app
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def force(self) -> None:
+        self.front.close()
+        self.server.force_exit = True
+
+
+def serve_app(app: Starlette, host: str, port: int) -> None:
+    """The app behind the front as `xgen serve` runs them, without the reconciler (benchmarks)."""
+
+    async def main() -> None:
+        await Http(app, bind(host, port)).run()
+
+    run(main())
 
 
 def serve(
@@ -75,10 +144,19 @@ def serve(
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
-    return asyncio.run(_serve(file, spec, host or spec.server.host, port or spec.server.port, directory, kept))
+    host, port = host or spec.server.host, port or spec.server.port
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        log.error("%s", exc.strerror)
+        return 1
+    return run(_serve(file, spec, host, sock, directory, kept))
 
 
-async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, kept: last_good.Kept | None) -> int:
+async def _serve(
+    file: Path, spec: Spec, host: str, sock: socket.socket, state_dir: Path, kept: last_good.Kept | None
+) -> int:
+    port = sock.getsockname()[1]
     await cleanup_orphans(state_dir)
     store = StateStore()
     if kept is not None:
@@ -107,7 +185,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
     app = create_app(
         store, lambda: reconciler.spec if reconciler else None, executor.inflight, backends, state_dir / "logs"
     )
-    server = _Server(uvicorn_config(app, host, port))
+    http = Http(app, sock)
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -116,19 +194,19 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
         signals += 1
         if signals == 1:
             log.info("%s: draining requests and stopping models (send again to force)", sig.name)
-            server.should_exit = True
+            http.stop()
             store.close()
             reconciler.stop()
         else:
             log.warning("%s again: killing every backend now", sig.name)
             supervisor.kill_all_now()
-            server.force_exit = True
+            http.force()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("xgen serving %s on http://%s:%d (state dir %s)", file, host, port, state_dir)
     statedir.write_address(state_dir, statedir.local_url(host, port), file)  # for the CLI, whatever --port said
-    web = asyncio.create_task(server.serve())
+    web = asyncio.create_task(http.run())
     loop_task = asyncio.create_task(reconciler.run())
     done, _ = await asyncio.wait({web, loop_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -136,7 +214,7 @@ async def _serve(file: Path, spec: Spec, host: str, port: int, state_dir: Path, 
         if task.exception() is not None:
             log.error("xgen stopped on an error: %r", task.exception())
             code = 1
-    server.should_exit = True
+    http.stop()
     reconciler.stop()
     with contextlib.suppress(Exception):
         await web

@@ -32,26 +32,8 @@ from reconciler.state import ModelState
 from reconciler.store import StateStore
 from reconciler.supervisor import NewLines, read_tail
 from reconciler.web import metrics
-from reconciler.web.proxy import Proxy, openai_error
+from reconciler.web.proxy import ROUTED, UPLOADS, Proxy, openai_error
 
-ROUTED = (
-    "/v1/responses",
-    "/v1/responses/input_tokens",
-    "/v1/messages",
-    "/v1/messages/count_tokens",
-    "/v1/rerank",
-    "/v1/reranking",
-    "/rerank",
-    "/v1/score",
-    "/infill",
-    "/completion",
-    "/tokenize",
-    "/detokenize",
-    "/apply-template",
-    "/v1/audio/speech",
-)
-# multipart uploads, routed by their `model` form field without holding the file in memory
-UPLOADS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE_S = 15.0
 

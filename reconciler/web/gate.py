@@ -31,10 +31,7 @@ class Gate:
     ) -> str | None:
         """None once the request may go (call leave() when it is done), else why not. `gone`
         makes an awaitable that ends when the client goes away (awaited only while waiting)."""
-        self.limit = limit
-        self._admit()
-        if self.running < limit and not self.waiting:
-            self.running += 1
+        if self.try_enter(limit):
             return None
         if len(self.waiting) >= queue:
             metrics.REJECTED.labels(self.model, "queue_full").inc()
@@ -68,6 +65,15 @@ class Gate:
             f"model '{self.model}' is busy: no turn within queue_timeout_s ({timeout_s:g} s); "
             f"{self.running} running (max_concurrent {limit}), {len(self.waiting)} waiting"
         )
+
+    def try_enter(self, limit: int) -> bool:
+        """A turn at once if one is free and nobody waits (the fast path); False: enter() queues."""
+        self.limit = limit
+        self._admit()
+        if self.running < limit and not self.waiting:
+            self.running += 1
+            return True
+        return False
 
     def leave(self) -> None:
         self.running -= 1

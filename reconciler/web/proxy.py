@@ -53,6 +53,25 @@ HOP_HEADERS = {
 }
 # Endpoints every backend serves; for the others a 404/501 from the backend is explained.
 CORE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# The other APIs clients speak, routed by the `model` in the JSON body like chat
+ROUTED = (
+    "/v1/responses",
+    "/v1/responses/input_tokens",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+    "/v1/score",
+    "/infill",
+    "/completion",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/v1/audio/speech",
+)
+# multipart uploads, routed by their `model` form field without holding the file in memory
+UPLOADS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 # Endpoints that generate text (path less /v1/)
 GENERATE = frozenset({"chat/completions", "completions", "responses", "messages", "/completion", "/infill"})
 # Rerank endpoints (path less /v1/): a request naming no model goes to the one rerank model
@@ -83,6 +102,22 @@ def anthropic_error(response: JSONResponse) -> JSONResponse:
     return JSONResponse(
         {"type": "error", "error": {"type": kind, "message": error["message"]}}, status_code=status, headers=headers
     )
+
+
+@dataclass(frozen=True)
+class Direct:
+    info: ModelInfo  # the serving process
+    body: bytes  # what it is sent
+    gate: Gate | None  # the turn taken under max_concurrent (left in done())
+
+
+def key_ok(spec: Spec | None, authorization: bytes, x_api_key: bytes) -> bool:
+    """Whether the request may use /v1: no key configured, or the right one as a bearer token
+    (or in `x-api-key`, which Anthropic clients send)."""
+    key = spec.server.api_key if spec else None
+    if not key:
+        return True
+    return hmac.compare_digest(authorization, f"Bearer {key}".encode()) or hmac.compare_digest(x_api_key, key.encode())
 
 
 @dataclass(frozen=True)
@@ -209,13 +244,10 @@ class Proxy:
             await client.close()
 
     def check_key(self, request: Request) -> Response | None:
-        spec: Spec | None = self.get_spec()
-        key = spec.server.api_key if spec else None
-        if not key:
-            return None
-        bearer = request.headers.get("authorization", "").encode()
-        x_api_key = request.headers.get("x-api-key", "").encode()  # Anthropic clients send this
-        if not (hmac.compare_digest(bearer, f"Bearer {key}".encode()) or hmac.compare_digest(x_api_key, key.encode())):
+        headers = request.headers
+        if not key_ok(
+            self.get_spec(), headers.get("authorization", "").encode(), headers.get("x-api-key", "").encode()
+        ):
             return openai_error(
                 401,
                 "missing or wrong API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)",
@@ -252,6 +284,51 @@ class Proxy:
                     }
                 )
         return JSONResponse({"object": "list", "data": data})
+
+    def direct(self, endpoint: str, authorization: bytes, x_api_key: bytes, body: bytes) -> Direct | None:
+        """The fast path's decision (front.py): where a JSON request goes and the body it is
+        sent with, when it can go straight to a local backend that serves now; None when the
+        app must answer it (anything to explain, wait for or queue: a wrong key, an unknown
+        name, a model loading or on demand, a full gate, a remote backend). The same rules as
+        the app's path: route(), wrong_kind(), _rewrite(); a gate's turn is taken if returned."""
+        spec: Spec | None = self.get_spec()
+        if spec is None or not key_ok(spec, authorization, x_api_key) or len(body) > spec.server.max_body_bytes:
+            return None
+        try:
+            doc = JsonBody(body)
+        except ValueError:
+            return None
+        if doc.model is not None and not isinstance(doc.model, str):
+            return None
+        decision = route(spec, doc.model, endpoint, self.store.active, self.store.models)
+        if isinstance(decision, str):
+            return None
+        model = spec.models[decision.model]
+        info = self.store.models.get(decision.model)
+        if (
+            info is None
+            or info.state is not ModelState.LOADED
+            or info.endpoint is None
+            or info.backend == "remote"
+            or wrong_kind(model.server_type, endpoint) is not None
+        ):
+            return None
+        try:
+            payload = _rewrite(doc, decision, model, info)
+        except ValueError:
+            return None
+        gate = None
+        if model.max_concurrent is not None:
+            gate = self.gates.setdefault(decision.model, Gate(decision.model))
+            if not gate.try_enter(model.max_concurrent):
+                return None  # the app queues it
+        return Direct(info, payload, gate)
+
+    def begin(self, name: str, port: int) -> None:
+        """A request goes to a model's process: counted in flight until done()."""
+        self.store.touch(name)
+        self.inflight[port] = self.inflight.get(port, 0) + 1
+        metrics.child(metrics.INFLIGHT, name).inc()
 
     async def forward(self, request: Request) -> Response:
         """Route a request by the `model` in its body and pass it through to that backend, at the
@@ -535,7 +612,6 @@ class Proxy:
         """Send to the model's process (at the request's own path, or `upstream` with the
         request's method and query) and pass the answer through, streamed when it streams."""
         name, port, pid = info.name, info.port or 0, info.pid  # a remote model's requests count under port 0
-        self.store.touch(name)
         origin, prefix = upstream_of(info)
         path = upstream if upstream is not None else request.url.path
         if info.backend == "remote":  # its URL ends where /v1 does
@@ -545,8 +621,7 @@ class Proxy:
         headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS}  # never the client's key
         if info.backend == "remote":
             headers.update(remote_auth(info.spec))
-        self.inflight[port] = self.inflight.get(port, 0) + 1
-        metrics.child(metrics.INFLIGHT, name).inc()
+        self.begin(name, port)
         try:
             try:
                 resp = await self.client(origin, pid).request(method, path, params=params, data=body, headers=headers)
@@ -560,7 +635,7 @@ class Proxy:
                     raise
                 resp = await self.client(origin, pid).request(method, path, params=params, data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
-            self._done(name, port, "502", t0, gate)
+            self.done(name, port, "502", t0, gate)
             if not isinstance(body, bytes) and "request body" in str(exc):
                 return openai_error(
                     502,
@@ -581,10 +656,10 @@ class Proxy:
             content = await resp.read()
         except (aiohttp.ClientError, OSError) as exc:
             resp.close()
-            self._done(name, port, "502", t0, gate)
+            self.done(name, port, "502", t0, gate)
             return openai_error(502, f"backend of '{name}' broke off: {exc!r}", "upstream_error")
         resp.release()
-        self._done(name, port, str(resp.status), t0, gate)
+        self.done(name, port, str(resp.status), t0, gate)
         if resp.status in (404, 501) and path not in CORE and upstream is None:
             return openai_error(
                 resp.status,
@@ -614,10 +689,10 @@ class Proxy:
                 resp.release()
             else:
                 resp.close()
-            self._done(name, port, str(resp.status), t0, gate)
+            self.done(name, port, str(resp.status), t0, gate)
             self.activity.tokens(name, metrics.count_stream_tokens(name, usage), time.time())
 
-    def _done(self, name: str, port: int, status: str, t0: float, gate: Gate | None = None) -> None:
+    def done(self, name: str, port: int, status: str, t0: float, gate: Gate | None = None) -> None:
         if gate is not None:
             gate.leave()
         self.store.touch(name)
