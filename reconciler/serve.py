@@ -45,10 +45,11 @@ class _Server(uvicorn.Server):
 
 
 def uvicorn_config(app: Starlette) -> uvicorn.Config:
-    """The app behind the front (front.py), on its private socket: no access log (we log actions
-    ourselves); the client's address from the front's x-forwarded-for (only the front can reach
-    this socket); idle connections kept longer than the front keeps them, so the front never
-    sends on one uvicorn is closing; in-flight requests get DRAIN_S at shutdown."""
+    """The app behind the front (front.py), on its own socket: no access log (we log actions
+    ourselves); the client's address from the front's x-forwarded-for (the socket is an abstract
+    unix socket: only this host reaches it, and a process here is a loopback client anyway);
+    idle connections kept longer than the front keeps them, so the front never sends on one
+    uvicorn is closing; in-flight requests get DRAIN_S at shutdown."""
     return uvicorn.Config(
         app,
         access_log=False,
