@@ -18,7 +18,7 @@ Goals (issue 13): c=1 added p50 <= 0.3 ms, p99 <= 0.7; c=64 added p99 <= 10 ms a
 direct; 128 paced streams added TTFB p99 <= 10 ms, >= 98% of direct tokens/s, every frame exact;
 200 KB at c=8 added p99 <= 2 ms.
 
-Usage: python benchmarks/peers.py [--quick] [--no-litellm]
+Usage: python benchmarks/peers.py [--quick] [--no-litellm] [--pin]
 """
 
 from __future__ import annotations
@@ -86,14 +86,20 @@ def litellm_python() -> Path:
     return python
 
 
-def start_litellm(work: Path, port: int, stub: int, paced: int) -> subprocess.Popen[bytes]:
+def on_core(core: int | None) -> Any:
+    """A Popen preexec_fn that pins the child (and all it starts) to one core; None: no pinning."""
+    return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+
+
+def start_litellm(work: Path, port: int, stub: int, paced: int, core: int | None) -> subprocess.Popen[bytes]:
     config = work / "litellm.yaml"
     config.write_text(LITELLM_CONFIG.format(stub=stub, paced=paced))
     python = litellm_python()
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
     return subprocess.Popen([str(python.with_name("litellm")), "--config", str(config), "--host", "127.0.0.1",
                              "--port", str(port), "--num_workers", "1"], env=env,
-                            stdout=(work / "litellm.log").open("ab"), stderr=subprocess.STDOUT)
+                            stdout=(work / "litellm.log").open("ab"), stderr=subprocess.STDOUT,
+                            preexec_fn=on_core(core))
 
 
 def frames(body: bytes) -> tuple[int, bool]:
@@ -110,6 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-litellm", action="store_true", help="direct and xgen only")
+    parser.add_argument("--pin", action="store_true", help="the client and the stubs on core 0, the tool measured on "
+                        "core 1 (tells the tool's own cost from three processes sharing two cores)")
     parser.add_argument("--serve-xgen", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_xgen:
@@ -120,14 +128,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="xgen-peers-"))
     stub, paced, xgen, peer = free_port(), free_port(), free_port(), free_port()
     proxy_py = str(Path(__file__).resolve().with_name("proxy.py"))
+    near, far = (0, 1) if args.pin else (None, None)
+    if near is not None:
+        os.sched_setaffinity(0, {near})  # the client
     procs = [
-        subprocess.Popen([sys.executable, proxy_py, "--serve-stub", str(stub)]),
-        subprocess.Popen([sys.executable, proxy_py, "--serve-stub", str(paced), "--pace-ms", str(PACE_MS)]),
+        subprocess.Popen([sys.executable, proxy_py, "--serve-stub", str(stub)], preexec_fn=on_core(near)),
+        subprocess.Popen([sys.executable, proxy_py, "--serve-stub", str(paced), "--pace-ms", str(PACE_MS)],
+                         preexec_fn=on_core(near)),
         subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-xgen", str(xgen), str(stub),
-                          str(paced)]),
+                          str(paced)], preexec_fn=on_core(far)),
     ]
     if not args.no_litellm:
-        procs.append(start_litellm(work, peer, stub, paced))
+        procs.append(start_litellm(work, peer, stub, paced, far))
     tools = {"xgen": procs[2], f"LiteLLM {LITELLM}": procs[-1]} if not args.no_litellm else {"xgen": procs[2]}
 
     def run(label: str, port: int, *a: Any, **kw: Any) -> dict[str, float]:
@@ -155,7 +167,8 @@ def main() -> None:
                 raise SystemExit(f"LiteLLM did not start; see {work / 'litellm.log'}") from None
             targets.append((f"LiteLLM {LITELLM}", peer))
         print(f"stub backend, one client, {os.cpu_count()} cores; LiteLLM {LITELLM} (one worker, logging and "
-              f"telemetry off){' not run' if args.no_litellm else ''}; work in {work}")
+              f"telemetry off){' not run' if args.no_litellm else ''}; work in {work}"
+              + ("; pinned: client and stubs on core 0, the tool measured on core 1" if args.pin else ""))
         chat = {"model": "stub", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
 
         print("\n1. non-streaming chat (added = tool - direct)")
