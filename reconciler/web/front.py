@@ -263,6 +263,7 @@ class Exchange:
         self.body_out: list[bytes] | None = None  # a direct non-SSE answer, held to count its tokens
         self.out_headers: list[tuple[bytes, bytes]] = []
         self.usage = b""
+        self.pending: list[bytes] = []  # relayed pieces of the answer not yet written
         self.done = False
         self.t0 = time.perf_counter()
 
@@ -407,11 +408,17 @@ class Exchange:
             return
         if self.sse and b'"usage"' in data:
             self.usage = data  # a copy of the chunk that carries usage (usually the last)
-        self.client.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data)
+        self.pending.append(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked_out else data)
+
+    def flush(self) -> None:
+        if self.pending:  # every chunk of one read in one write: a backend that outruns the client costs fewer calls
+            self.client.write(self.pending[0] if len(self.pending) == 1 else b"".join(self.pending))
+            self.pending = []
 
     def end(self) -> None:
         if self.done:
             return
+        self.flush()
         if self.body_out is not None:
             self._answer_held()
         elif self.chunked_out:

@@ -25,6 +25,9 @@ class Sink(Protocol):
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     def body(self, data: bytes) -> None: ...
+    def flush(self) -> None:
+        """What body() was given from one read may go out now (one write for many chunks)."""
+
     def end(self) -> None: ...
     def fail(self, exc: BaseException, answered: bool) -> None:
         """The connection broke; `answered`: after some of the answer had arrived."""
@@ -84,6 +87,9 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._broken(exc)
+            return
+        if self.sink is not None:
+            self.sink.flush()
 
     def eof_received(self) -> bool | None:
         return None  # close
