@@ -8,7 +8,7 @@ from reconciler.web import metrics
 
 
 def _total(model: str, kind: str) -> float:
-    return metrics.child(metrics.TOKENS, model, kind)._value.get()  # type: ignore[attr-defined, no-any-return]
+    return metrics.STATS.tokens.get((model, kind), 0)
 
 
 def test_openai_usage_is_read_without_parsing_the_answer() -> None:

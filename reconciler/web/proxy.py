@@ -328,7 +328,7 @@ class Proxy:
         """A request goes to a model's process: counted in flight until done()."""
         self.store.touch(name)
         self.inflight[port] = self.inflight.get(port, 0) + 1
-        metrics.child(metrics.INFLIGHT, name).inc()
+        metrics.STATS.begin(name)
 
     async def forward(self, request: Request) -> Response:
         """Route a request by the `model` in its body and pass it through to that backend, at the
@@ -493,7 +493,7 @@ class Proxy:
             gone = functools.partial(_disconnected, request) if isinstance(body, bytes) else None  # upload: unread
             refused = await gate.enter(model.max_concurrent, model.max_queue, model.queue_timeout_s, gone)
             if refused is not None:
-                metrics.REQUESTS.labels(name, "429").inc()
+                metrics.STATS.answered(name, "429")
                 return openai_error(429, refused, "requests", "rate_limit_exceeded", headers={"Retry-After": "1"})
         return await self._send(request, info, endpoint, body, t0, gate=gate)
 
@@ -596,7 +596,7 @@ class Proxy:
             why = f"model '{name}' is being unloaded ({'desired: unloaded' if name in spec.models else 'removed'})"
         else:
             why = f"model '{name}' is {info.state.value} (waited {spec.server.load_wait_s:.0f} s)"
-        metrics.REQUESTS.labels(name, "503").inc()
+        metrics.STATS.answered(name, "503")
         return openai_error(503, why, "service_unavailable", "model_unavailable", headers={"Retry-After": "5"})
 
     async def _send(
@@ -699,10 +699,8 @@ class Proxy:
         if self.store.waiting:  # a request waits for room this one may have made
             self.store.wake()
         self.inflight[port] -= 1
-        metrics.child(metrics.INFLIGHT, name).dec()
-        metrics.child(metrics.REQUESTS, name, status).inc()
         seconds = time.perf_counter() - t0
-        metrics.child(metrics.LATENCY, name, status).observe(seconds)
+        metrics.STATS.done(name, status, seconds)
         self.activity.request(name, seconds, time.time())
 
 
