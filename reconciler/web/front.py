@@ -30,8 +30,17 @@ from typing import Any, cast
 
 import httptools
 
-from reconciler.web import metrics
-from reconciler.web.proxy import CORE, HOP_HEADERS, ROUTED, Direct, Proxy, anthropic_error, openai_error
+from reconciler.web.proxy import (
+    CORE,
+    HOP_HEADERS,
+    ROUTED,
+    Direct,
+    Proxy,
+    anthropic_error,
+    not_answered,
+    openai_error,
+    unsupported,
+)
 from reconciler.web.upstream import Connection, Pool
 
 JSON_PATHS = frozenset({*CORE, *ROUTED})
@@ -244,9 +253,7 @@ class Exchange:
         self.keep_alive = True
         self.http11 = True
         self.parts: list[bytes] = []  # the body so far (until it can be sent)
-        self.size = 0
         self.received = False  # the whole body is in
-        self.started = False
         self.candidate = False  # may go direct (decided once, when it starts)
         self.to_app = False  # relayed to the app
         self.chunked_in = False  # the request body comes chunked (relayed chunked to the app)
@@ -276,7 +283,6 @@ class Exchange:
     # the request
     def start(self) -> None:
         """This exchange is first in line: send it where it goes (a direct one once its body is in)."""
-        self.started = True
         self.path = self.url.split(b"?", 1)[0].decode("latin-1")
         self.chunked_in = b"chunked" in self.header(b"transfer-encoding").lower()
         self.candidate = self._may_go_direct()
@@ -287,7 +293,6 @@ class Exchange:
             self._to_app()
 
     def feed(self, data: bytes) -> None:
-        self.size += len(data)
         if self.to_app and self.chunked_in:  # relayed as it came: in chunks
             data = b"%x\r\n%s\r\n" % (len(data), data)
         if self.streaming_to is not None:
@@ -299,7 +304,7 @@ class Exchange:
         self.received = True
         if self.streaming_to is not None and self.chunked_in:
             self.streaming_to.write(b"0\r\n\r\n")
-        if self.started and self.candidate:
+        if self.candidate:  # started, waiting for its body
             self._dispatch()
 
     def _may_go_direct(self) -> bool:
@@ -446,9 +451,7 @@ class Exchange:
             self._finish()
             return
         if direct is not None:
-            info = direct.info
-            what = "broke off" if self.status else f"(pid {info.pid}, port {info.port}) did not answer"
-            self._error(openai_error(502, f"backend of '{info.name}' {what}: {exc!r}", "upstream_error"), status="502")
+            self._error(not_answered(direct.info, exc, began=bool(self.status)))
         else:
             self._error(openai_error(503, f"xgen's app did not answer: {exc!r}", "service_unavailable"))
 
@@ -497,25 +500,15 @@ class Exchange:
         assert self.body_out is not None and self.direct is not None
         content = b"".join(self.body_out)
         info = self.direct.info
-        path = self.path
-        if self.status in (404, 501) and path not in CORE:
-            self._error(
-                openai_error(
-                    self.status,
-                    f"the {info.backend} backend of '{info.name}' does not serve {path} "
-                    f"(it answered {self.status}: {content[:200].decode(errors='replace')})",
-                    "invalid_request_error",
-                    "endpoint_not_supported",
-                ),
-                status=str(self.status),
-            )
+        if (explained := unsupported(info, self.path, self.status, content)) is not None:
+            self._error(explained)
             return
         self._write_head(self.out_headers, b"%d" % len(content), body=content)
-        if self.status == 200 and self.endpoint != "embeddings":
-            self.client.front.proxy.activity.tokens(info.name, metrics.count_tokens(info.name, content), time.time())
+        self.client.front.proxy.count_answer(info.name, self.endpoint, self.status, content)
 
-    def _error(self, response: Any, status: str | None = None) -> None:
-        """xgen's own error answer (a Starlette JSONResponse), in Anthropic's shape on /v1/messages."""
+    def _error(self, response: Any) -> None:
+        """xgen's own error answer (a Starlette JSONResponse), in Anthropic's shape on /v1/messages;
+        a direct request is counted with its status."""
         if self.path.startswith("/v1/messages"):
             response = anthropic_error(response)
         self.status = response.status_code
@@ -523,7 +516,7 @@ class Exchange:
         body = bytes(response.body)
         headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
         self._write_head(headers, b"%d" % len(body), body=body)
-        self._finish(status)
+        self._finish()
 
     def _finish(self, status: str | None = None) -> None:
         if self.done:
@@ -535,7 +528,7 @@ class Exchange:
             proxy = self.client.front.proxy
             proxy.done(info.name, info.port or 0, status or str(self.status), self.t0, self.direct.gate)
             if self.sse:
-                proxy.activity.tokens(info.name, metrics.count_stream_tokens(info.name, self.usage), time.time())
+                proxy.count_stream(info.name, self.usage)
         self.client.finished(self)
 
 

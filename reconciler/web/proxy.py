@@ -643,9 +643,7 @@ class Proxy:
                     f"to {path}: it does not serve this endpoint, or refused the request ({exc})",
                     "upstream_error",
                 )
-            return openai_error(
-                502, f"backend of '{name}' (pid {pid}, port {port}) did not answer: {exc!r}", "upstream_error"
-            )
+            return not_answered(info, exc, began=False)
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
         if resp.content_type == "text/event-stream":
             out_headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -657,19 +655,12 @@ class Proxy:
         except (aiohttp.ClientError, OSError) as exc:
             resp.close()
             self.done(name, port, "502", t0, gate)
-            return openai_error(502, f"backend of '{name}' broke off: {exc!r}", "upstream_error")
+            return not_answered(info, exc, began=True)
         resp.release()
         self.done(name, port, str(resp.status), t0, gate)
-        if resp.status in (404, 501) and path not in CORE and upstream is None:
-            return openai_error(
-                resp.status,
-                f"the {info.backend} backend of '{name}' does not serve {path} "
-                f"(it answered {resp.status}: {content[:200].decode(errors='replace')})",
-                "invalid_request_error",
-                "endpoint_not_supported",
-            )
-        if resp.status == 200 and endpoint != "embeddings":
-            self.activity.tokens(name, metrics.count_tokens(name, content), time.time())
+        if upstream is None and (explained := unsupported(info, path, resp.status, content)) is not None:
+            return explained
+        self.count_answer(name, endpoint, resp.status, content)
         return Response(content, status_code=resp.status, headers=out_headers)
 
     async def _stream(
@@ -690,7 +681,16 @@ class Proxy:
             else:
                 resp.close()
             self.done(name, port, str(resp.status), t0, gate)
-            self.activity.tokens(name, metrics.count_stream_tokens(name, usage), time.time())
+            self.count_stream(name, usage)
+
+    def count_answer(self, name: str, endpoint: str, status: int, content: bytes) -> None:
+        """The tokens of a non-streamed answer, for the metrics and the page's sparklines."""
+        if status == 200 and endpoint != "embeddings":
+            self.activity.tokens(name, metrics.count_tokens(name, content), time.time())
+
+    def count_stream(self, name: str, usage: bytes) -> None:
+        """The tokens of a stream, from a copy of the chunk that carried its usage."""
+        self.activity.tokens(name, metrics.count_stream_tokens(name, usage), time.time())
 
     def done(self, name: str, port: int, status: str, t0: float, gate: Gate | None = None) -> None:
         if gate is not None:
@@ -702,6 +702,26 @@ class Proxy:
         seconds = time.perf_counter() - t0
         metrics.STATS.done(name, status, seconds)
         self.activity.request(name, seconds, time.time())
+
+
+def unsupported(info: ModelInfo, path: str, status: int, content: bytes) -> JSONResponse | None:
+    """xgen's explanation of a backend's 404/501 for an endpoint not every backend serves; None
+    for any other answer."""
+    if status not in (404, 501) or path in CORE:
+        return None
+    return openai_error(
+        status,
+        f"the {info.backend} backend of '{info.name}' does not serve {path} "
+        f"(it answered {status}: {content[:200].decode(errors='replace')})",
+        "invalid_request_error",
+        "endpoint_not_supported",
+    )
+
+
+def not_answered(info: ModelInfo, exc: BaseException, began: bool) -> JSONResponse:
+    """The 502 for a backend whose connection failed before it answered, or after it `began`."""
+    what = "broke off" if began else f"(pid {info.pid}, port {info.port or 0}) did not answer"
+    return openai_error(502, f"backend of '{info.name}' {what}: {exc!r}", "upstream_error")
 
 
 def _rewrite(doc: JsonBody, decision: Route, model: ModelSpec, info: ModelInfo) -> bytes:

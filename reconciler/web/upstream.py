@@ -91,9 +91,6 @@ class Connection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.flush()
 
-    def eof_received(self) -> bool | None:
-        return None  # close
-
     def connection_lost(self, exc: BaseException | None) -> None:
         self.pool.forget(self)
         if self.sink is not None:
