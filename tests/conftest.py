@@ -3,6 +3,7 @@ tiny GGUF models made on the spot, and a real `xgen serve` daemon."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -160,6 +161,17 @@ class Daemon:
             self.proc.kill()
             return self.proc.wait()
 
+
+
+@contextlib.contextmanager
+def launched(directory: Path, model: Path, tiny: Path, spec: str, **launch: Any) -> Iterator[Daemon]:
+    """A daemon launched on `spec` (Daemon.launch's options) and stopped however the block ends."""
+    d = Daemon(directory, model, tiny)
+    try:
+        d.launch(spec, **launch)
+        yield d
+    finally:
+        d.stop()
 
 ONE_MODEL = """\
 models:

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import httpx
 import pytest
-from conftest import ONE_MODEL, Daemon
+from conftest import ONE_MODEL, Daemon, launched
 
 pytestmark = pytest.mark.integration
 
@@ -28,10 +28,8 @@ CHAT = {"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "cont
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path,
           llama_server: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("front"), default_model, tiny_gguf)
-    d.launch(ONE_MODEL)
-    yield d
-    d.stop()
+    with launched(tmp_path_factory.mktemp("front"), default_model, tiny_gguf, ONE_MODEL) as d:
+        yield d
 
 
 def connect(port: int) -> tuple[socket.socket, BinaryIO]:
@@ -183,19 +181,15 @@ def test_status_is_for_loopback_unless_public_even_with_a_forged_header(tmp_path
     outside = _outside_address()
     if outside is None:
         pytest.skip("this machine has no address but loopback")
-    d = Daemon(tmp_path, default_model, tiny_gguf)
     spec = ("server: {{host: 0.0.0.0, port: {PORT}, port_range: [{LOW}, {HIGH}], stop_grace_s: 5}}\n"
             + ONE_MODEL)
-    d.launch(spec, header=False)
-    try:
-        with httpx.Client(base_url=f"http://{outside}:{d.port}", timeout=30) as http:
-            r = http.get("/api/management/status", headers={"x-forwarded-for": "127.0.0.1"})
-            assert r.status_code == 403 and "loopback" in r.json()["error"]
-            assert http.get("/metrics").status_code == 403
-            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200  # /v1 is for everyone
+    with launched(tmp_path, default_model, tiny_gguf, spec, header=False) as d, \
+            httpx.Client(base_url=f"http://{outside}:{d.port}", timeout=30) as http:
+        r = http.get("/api/management/status", headers={"x-forwarded-for": "127.0.0.1"})
+        assert r.status_code == 403 and "loopback" in r.json()["error"]
+        assert http.get("/metrics").status_code == 403
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200  # /v1 is for everyone
         assert d.http.get("/api/management/status").status_code == 200
-    finally:
-        d.stop()
 
 
 def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path, default_model: Path,

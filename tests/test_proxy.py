@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import Daemon
+from conftest import Daemon, launched
 
 pytestmark = pytest.mark.integration
 
@@ -32,10 +32,8 @@ active: smollm2
 @pytest.fixture(scope="module")
 def proxy_daemon(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path,
                  llama_server: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("proxy"), default_model, tiny_gguf)
-    d.launch(SPEC)
-    yield d
-    d.stop()
+    with launched(tmp_path_factory.mktemp("proxy"), default_model, tiny_gguf, SPEC) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +137,9 @@ def test_request_for_a_loading_model_waits_then_succeeds(proxy_daemon: Daemon) -
 
 
 def test_api_key_is_required_when_set(tmp_path: Path, default_model: Path, tiny_gguf: Path) -> None:
-    d = Daemon(tmp_path, default_model, tiny_gguf)
     spec = "server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], api_key: s3cret}}\nmodels:\n  t:\n" \
            "    path: {TINY}\n    n_ctx: 256\n"
-    try:
-        d.launch(spec, header=False)
+    with launched(tmp_path, default_model, tiny_gguf, spec, header=False) as d:
         with pytest.raises(openai.AuthenticationError) as denied:
             openai.OpenAI(base_url=f"{d.url}/v1", api_key="wrong", max_retries=0).models.list()
         assert denied.value.status_code == 401
@@ -151,8 +147,6 @@ def test_api_key_is_required_when_set(tmp_path: Path, default_model: Path, tiny_
         ok = openai.OpenAI(base_url=f"{d.url}/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in ok.models.list()] == ["t"]
         assert d.http.get("/api/management/status").status_code == 200  # status stays open on loopback
-    finally:
-        d.stop()
 
 
 def test_llama_server_lora_adapter_is_selected_by_name(tmp_path: Path, default_model: Path, tiny_gguf: Path,
