@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import itertools
-import json
-import re
 from collections.abc import Iterator
 from typing import Any, TypeVar, cast
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
@@ -212,20 +210,40 @@ def child(metric: M, *values: str) -> M:
     return cast(M, found)
 
 
+class _Usage(msgspec.Struct):
+    """OpenAI's names, or Anthropic's and Responses' (input/output_tokens); the rest is skipped."""
+
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
+    input_tokens: Any = None
+    output_tokens: Any = None
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
+
+
 def count_tokens(model: str, body: bytes) -> int:
-    """Usage from a non-streamed response; returns the tokens generated. Read from the last
-    `"usage"` on (backends put it last; `"usage"` cannot occur unescaped inside a JSON string, so
-    it is a key) without parsing the answer: a parse was 7% of the proxy's CPU under load."""
-    at = body.rfind(b'"usage"')
-    if at < 0:
+    """Usage from a non-streamed answer (or one event's JSON); returns the tokens generated.
+    msgspec reads the top-level `usage` and skips the rest without building it: 0.6 µs on a
+    chat answer, where json.loads was 7% of the proxy's CPU under load and a regex scan 2.8 µs."""
+    try:
+        usage = _ANSWER.decode(body).usage
+    except msgspec.DecodeError:  # not JSON, or a `usage` that is not an object
         return 0
-    usage: dict[str, object] = {}
-    for name, value in _USAGE_FIELD.findall(body, at):
-        usage.setdefault(name.decode(), int(value))
-    return _add_usage(model, usage)
-
-
-_USAGE_FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)"\s*:\s*(\d+)')
+    if usage is None:
+        return 0
+    prompt = usage.prompt_tokens if isinstance(usage.prompt_tokens, int) else usage.input_tokens
+    generated = usage.completion_tokens if isinstance(usage.completion_tokens, int) else usage.output_tokens
+    if isinstance(prompt, int) and prompt > 0:
+        STATS.add_tokens(model, "prompt", prompt)
+    if not isinstance(generated, int) or generated <= 0:
+        return 0
+    STATS.add_tokens(model, "completion", generated)
+    return generated
 
 
 def count_stream_tokens(model: str, last_chunk: bytes) -> int:
@@ -233,23 +251,5 @@ def count_stream_tokens(model: str, last_chunk: bytes) -> int:
     tokens generated."""
     for line in reversed(last_chunk.split(b"\n")):
         if line.startswith(b"data: {") and b'"usage"' in line:
-            with contextlib.suppress(ValueError):
-                return _add_usage(model, json.loads(line[6:]).get("usage") or {})
-            return 0
+            return count_tokens(model, line[6:])
     return 0
-
-
-def _add_usage(model: str, usage: dict[str, object]) -> int:
-    """OpenAI's names (prompt/completion_tokens) or Anthropic's and Responses' (input/output_tokens);
-    returns the completion tokens."""
-    generated = 0
-    for kind, names in (
-        ("prompt", ("prompt_tokens", "input_tokens")),
-        ("completion", ("completion_tokens", "output_tokens")),
-    ):
-        value = next((usage[n] for n in names if isinstance(usage.get(n), int)), None)
-        if isinstance(value, int) and value > 0:
-            STATS.add_tokens(model, kind, value)
-            if kind == "completion":
-                generated = value
-    return generated
