@@ -182,6 +182,7 @@ class Client(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         exchange = self.incoming
         assert exchange is not None and self.transport is not None
+        exchange.fields = dict(reversed(exchange.headers))
         exchange.method = self.parser.get_method()
         exchange.keep_alive = self.parser.should_keep_alive()
         exchange.http11 = self.parser.get_http_version() == "1.1"
@@ -248,7 +249,8 @@ class Exchange:
         self.client = client
         self.url = b""
         self.path = ""  # the URL's path, once it starts
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # names in lower case
+        self.fields: dict[bytes, bytes] = {}  # the same, by name (the first of a repeated one)
         self.method = b"GET"
         self.keep_alive = True
         self.http11 = True
@@ -275,10 +277,7 @@ class Exchange:
         self.t0 = time.perf_counter()
 
     def header(self, name: bytes) -> bytes:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return b""
+        return self.fields.get(name, b"")
 
     # the request
     def start(self) -> None:
@@ -392,20 +391,20 @@ class Exchange:
 
     # Sink: the answer
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """`headers`: names in lower case (upstream.py)."""
         self.status = status
-        names = [(k.lower(), v) for k, v in headers]
-        self.sse = any(k == b"content-type" and v.startswith(b"text/event-stream") for k, v in names)
+        fields = dict(headers)
+        self.sse = fields.get(b"content-type", b"").startswith(b"text/event-stream")
         if self.direct is not None:
-            kept = [(k, v) for k, v in names if k not in HOP]
+            kept = [pair for pair in headers if pair[0] not in HOP]
             if not self.sse:
                 self.body_out = []
                 self.out_headers = kept
                 return
             self._write_head([*(p for p in kept if p[0] not in SSE_DROP), *SSE_ADD], None)
             return
-        length = next((v for k, v in names if k == b"content-length"), None)
         no_body = self.method == b"HEAD" or status in (204, 304)
-        self._write_head([p for p in names if p[0] not in FROM_APP_DROP], length, no_body)
+        self._write_head([p for p in headers if p[0] not in FROM_APP_DROP], fields.get(b"content-length"), no_body)
 
     def body(self, data: bytes) -> None:
         if self.body_out is not None:

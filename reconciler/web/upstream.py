@@ -23,7 +23,9 @@ IDLE_S = 50.0  # a pooled connection idle longer is closed, not reused (below th
 class Sink(Protocol):
     """Who hears an exchange's answer."""
 
-    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The answer's status and headers (names in lower case)."""
+
     def body(self, data: bytes) -> None: ...
     def flush(self) -> None:
         """What body() was given from one read may go out now (one write for many chunks)."""
@@ -109,7 +111,7 @@ class Connection(asyncio.Protocol):
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         if self.parser.get_status_code() < 200:
