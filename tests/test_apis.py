@@ -48,10 +48,13 @@ def claude(api_daemon: Daemon) -> anthropic.Anthropic:
 
 
 def test_anthropic_messages(claude: anthropic.Anthropic) -> None:
-    reply = claude.messages.create(model="local-coder", max_tokens=8,
+    reply = claude.messages.create(model="local-coder", max_tokens=8, temperature=0,
                                    messages=[{"role": "user", "content": "Say hi"}])
     assert reply.type == "message" and reply.content[0].type == "text" and reply.content[0].text
-    assert reply.usage.output_tokens == 8 and reply.stop_reason == "max_tokens"
+    # the model may end its answer before the limit (it did once in a full run): the stop
+    # reason must say which happened
+    tokens = reply.usage.output_tokens
+    assert 0 < tokens <= 8 and reply.stop_reason == ("max_tokens" if tokens == 8 else "end_turn"), reply
 
 
 def test_anthropic_messages_stream_in_order(claude: anthropic.Anthropic) -> None:
