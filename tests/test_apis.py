@@ -48,7 +48,7 @@ def claude(api_daemon: Daemon) -> anthropic.Anthropic:
 
 
 def test_anthropic_messages(claude: anthropic.Anthropic) -> None:
-    reply = claude.messages.create(model="local-coder", max_tokens=8, temperature=0,
+    reply = claude.messages.create(model="local-coder", max_tokens=8, extra_body={"temperature": 0},
                                    messages=[{"role": "user", "content": "Say hi"}])
     assert reply.type == "message" and reply.content[0].type == "text" and reply.content[0].text
     # the model may end its answer before the limit (it did once in a full run): the stop
