@@ -116,6 +116,9 @@ def test_error_shapes(proxy_daemon: Daemon) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = http.post("/v1/chat/completions", content=b"not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.json()["error"]["message"].startswith("request body is not a JSON object: JSON is malformed: invalid")
+    r = http.post("/v1/chat/completions", content=b'{"model": "smollm2", "messages": [}')  # once sent on to the backend
+    assert r.status_code == 400 and "malformed" in r.json()["error"]["message"]
 
 
 def test_request_for_a_loading_model_waits_then_succeeds(proxy_daemon: Daemon) -> None:

@@ -367,8 +367,8 @@ class Proxy:
             return _too_large(limit)
         try:
             doc = JsonBody(body)  # finds `model` without parsing the prompt
-        except ValueError:
-            return openai_error(400, "request body is not a JSON object", "invalid_request_error")
+        except ValueError as exc:
+            return openai_error(400, f"request body is not a JSON object: {exc}", "invalid_request_error")
         requested = doc.model
         if requested is not None and not isinstance(requested, str):
             return openai_error(400, "`model` must be a string", "invalid_request_error", "invalid_model")
