@@ -24,7 +24,7 @@ class Gate:
         self.limit = 1
         self.running = 0
         self.waiting: deque[asyncio.Future[None]] = deque()
-        self.queued = metrics.child(metrics.QUEUED, model)  # at 0 from the start: a gated model shows it
+        self.queued = metrics.QUEUED.labels(model)  # at 0 from the start: a gated model shows it
 
     async def enter(
         self, limit: int, queue: int, timeout_s: float, gone: Callable[[], Awaitable[object]] | None = None

@@ -319,10 +319,17 @@ class Proxy:
             return None
         gate = None
         if model.max_concurrent is not None:
-            gate = self.gates.setdefault(decision.model, Gate(decision.model))
+            gate = self.gate(decision.model)
             if not gate.try_enter(model.max_concurrent):
                 return None  # the app queues it
         return Direct(info, payload, gate)
+
+    def gate(self, name: str) -> Gate:
+        """`name`'s admission gate, made on its first request under max_concurrent."""
+        gate = self.gates.get(name)
+        if gate is None:  # not setdefault: its default would build a Gate on every request
+            gate = self.gates[name] = Gate(name)
+        return gate
 
     def begin(self, name: str, port: int) -> None:
         """A request goes to a model's process: counted in flight until done()."""
@@ -489,7 +496,7 @@ class Proxy:
                 return openai_error(400, "request body is not a JSON object", "invalid_request_error")
         gate = None
         if model.max_concurrent is not None:
-            gate = self.gates.setdefault(name, Gate(name))
+            gate = self.gate(name)
             gone = functools.partial(_disconnected, request) if isinstance(body, bytes) else None  # upload: unread
             refused = await gate.enter(model.max_concurrent, model.max_queue, model.queue_timeout_s, gone)
             if refused is not None:
