@@ -76,6 +76,14 @@ class _Model(msgspec.Struct):
 
 _MODEL = msgspec.json.Decoder(_Model)
 _TOP = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_OBJECT = msgspec.json.Decoder(dict[str, Any])
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # also "not an object" (a ValidationError)
+        raise NotAnObject(str(exc)) from None
 
 
 class JsonBody:
@@ -91,29 +99,18 @@ class JsonBody:
             self.model: Any
             self.model, self._span = found
             return
-        try:  # small, unsure, or no `model`: msgspec reads it (and validates the body)
-            self.model = _MODEL.decode(raw).model
-        except msgspec.DecodeError as exc:  # also "not an object" (a ValidationError)
-            raise NotAnObject(str(exc)) from None
+        # small, unsure, or no `model`: msgspec reads it (and validates the body)
+        self.model = _decode(_MODEL, raw).model
 
     def _top_level(self) -> dict[str, msgspec.Raw]:
         if self._top is None:
-            try:
-                self._top = _TOP.decode(self.raw)
-            except msgspec.DecodeError as exc:  # also "not an object" (a ValidationError)
-                raise NotAnObject(str(exc)) from None
+            self._top = _decode(_TOP, self.raw)
         return self._top
 
     def payload(self) -> dict[str, Any]:
         """The parsed object (parsed now if it was not)."""
         if self._payload is None:
-            try:
-                payload = msgspec.json.decode(self.raw)
-            except msgspec.DecodeError as exc:
-                raise NotAnObject(str(exc)) from None
-            if not isinstance(payload, dict):
-                raise NotAnObject("not an object")
-            self._payload = payload
+            self._payload = _decode(_OBJECT, self.raw)
         return self._payload
 
     def encode(self, model: str | None, changed: bool = False) -> bytes:

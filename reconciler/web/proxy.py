@@ -375,7 +375,7 @@ class Proxy:
         try:
             doc = JsonBody(body)  # finds `model` without parsing the prompt
         except ValueError as exc:
-            return openai_error(400, f"request body is not a JSON object: {exc}", "invalid_request_error")
+            return not_json(exc)
         requested = doc.model
         if requested is not None and not isinstance(requested, str):
             return openai_error(400, "`model` must be a string", "invalid_request_error", "invalid_model")
@@ -492,8 +492,8 @@ class Proxy:
         if doc is not None:
             try:
                 body = _rewrite(doc, decision, model, info)
-            except ValueError:  # the scan routed it; the parse a rule needs finds it malformed
-                return openai_error(400, "request body is not a JSON object", "invalid_request_error")
+            except ValueError as exc:  # the scan routed it; the parse a rule needs finds it malformed
+                return not_json(exc)
         gate = None
         if model.max_concurrent is not None:
             gate = self.gate(name)
@@ -723,6 +723,10 @@ def unsupported(info: ModelInfo, path: str, status: int, content: bytes) -> JSON
         "invalid_request_error",
         "endpoint_not_supported",
     )
+
+
+def not_json(exc: ValueError) -> JSONResponse:
+    return openai_error(400, f"request body is not a JSON object: {exc}", "invalid_request_error")
 
 
 def not_answered(info: ModelInfo, exc: BaseException, began: bool) -> JSONResponse:
