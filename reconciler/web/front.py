@@ -393,7 +393,7 @@ class Exchange:
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """`headers`: names in lower case (upstream.py)."""
         self.status = status
-        fields = dict(headers)
+        fields = dict(reversed(headers))  # the first of a repeated name, as for requests
         self.sse = fields.get(b"content-type", b"").startswith(b"text/event-stream")
         if self.direct is not None:
             kept = [pair for pair in headers if pair[0] not in HOP]
