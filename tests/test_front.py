@@ -125,6 +125,16 @@ def test_garbage_gets_400_and_the_front_serves_on(front: Daemon) -> None:
     assert front.http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+def test_a_large_answer_leaves_its_backend_connection_fit_for_the_next_request(front: Daemon) -> None:
+    """A direct answer over the client's buffer pauses the backend connection while it is written;
+    that connection went back to the pool still paused, and the next request on it hung."""
+    big = {"model": "smollm2", "content": "the quick brown fox jumps " * 40000, "with_pieces": True}
+    with httpx.Client(base_url=front.url, timeout=20) as http:
+        for _ in range(3):
+            assert len(http.post("/tokenize", json=big).json()["tokens"]) > 100_000
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
 def test_a_spoofed_forwarded_for_is_replaced_by_the_real_address(front: Daemon) -> None:
     # the app believes x-forwarded-for only from the front, which sets it to the real peer
     r = front.http.get("/api/management/status", headers={"x-forwarded-for": "203.0.113.9"})

@@ -47,6 +47,7 @@ class Connection(asyncio.Protocol):
         self.answered = False
         self.head_only = False  # the answer to HEAD: headers, no body whatever they announce
         self.reused = False  # had carried an exchange before this one
+        self.paused = False  # reading held for a client that cannot take more
         self.idle_since = 0.0
         self._headers: list[tuple[bytes, bytes]] = []
 
@@ -71,6 +72,7 @@ class Connection(asyncio.Protocol):
     def pause(self, paused: bool) -> None:
         """Stop reading the answer while the client cannot take more (and go on)."""
         if self.transport is not None and not self.transport.is_closing():
+            self.paused = paused
             if paused:
                 self.transport.pause_reading()
             else:
@@ -137,6 +139,8 @@ class Connection(asyncio.Protocol):
             sink.end()  # first: it may give the connection up (an answer that came before the whole upload)
         if keep and self.transport is not None and not self.transport.is_closing():
             self.reused = True
+            if self.paused:  # held for the client just answered (the answer's last write filled its buffer)
+                self.pause(False)
             self.pool.release(self)
         else:
             self.abort()
