@@ -76,6 +76,12 @@ class ServerSettings(_Strict):
     status_public: bool = Field(False, description="Serve status endpoints to non-loopback clients too.")
     load_wait_s: float = Field(30.0, ge=0, description="How long /v1 waits for a LOADING model before answering 503.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest /v1 request body accepted (413 above).")
+    client_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="A client that sends nothing more of its request's head or body, or takes nothing of its "
+        "answer, for this long is disconnected (408 when no answer has begun); a backend stops generating for it.",
+    )
     stop_grace_s: float = Field(30.0, ge=0, description="SIGTERM → SIGKILL grace period for backend processes.")
     max_restarts: int | None = Field(
         None,

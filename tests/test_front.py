@@ -1,6 +1,7 @@
 """The front (xgen's listening socket) against a real daemon and llama-server, over raw sockets:
 what clients send that the openai SDK never does (pipelining, HTTP/1.0, Expect, chunked
-uploads, garbage, HEAD), a backend killed under a request, who counts as loopback, a taken port."""
+uploads, garbage, HEAD), clients that stall or send too much, a backend killed under a request,
+who counts as loopback, a taken port."""
 
 from __future__ import annotations
 
@@ -25,10 +26,15 @@ pytestmark = pytest.mark.integration
 CHAT = {"model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
 
 
+PATIENCE_S = 3  # server.client_timeout_s here
+
+
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, default_model: Path, tiny_gguf: Path,
           llama_server: Path) -> Iterator[Daemon]:
-    with launched(tmp_path_factory.mktemp("front"), default_model, tiny_gguf, ONE_MODEL) as d:
+    spec = ("server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], stop_grace_s: 5, client_timeout_s: "
+            + str(PATIENCE_S) + "}}\n" + ONE_MODEL)
+    with launched(tmp_path_factory.mktemp("front"), default_model, tiny_gguf, spec, header=False) as d:
         yield d
 
 
@@ -125,6 +131,67 @@ def test_garbage_gets_400_and_the_front_serves_on(front: Daemon) -> None:
     assert front.http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+def read_all(sock: socket.socket) -> bytes:
+    """What arrives until the server closes (a reset after some bytes ends it too)."""
+    out = b""
+    try:
+        while data := sock.recv(1 << 20):
+            out += data
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def test_a_request_that_stops_arriving_gets_408_after_client_timeout_s(front: Daemon) -> None:
+    """Half a head, half a body: neither holds a connection for ever (slowloris)."""
+    for partial in (b"GET /health HTTP/1.1\r\nhost: x\r\n",
+                    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"mod"):
+        sock, f = connect(front.port)
+        sock.sendall(partial)
+        t0 = time.monotonic()
+        status, headers, body = read_response(f)
+        assert status == 408 and headers["connection"] == "close"
+        assert "server.client_timeout_s" in json.loads(body)["error"]["message"]
+        assert PATIENCE_S - 1 <= time.monotonic() - t0 < PATIENCE_S + 10
+        assert f.read() == b""
+        sock.close()
+    assert "did not arrive within 3 s" in front.log() and "stopped arriving for 3 s" in front.log()
+
+
+def test_a_head_over_64_kib_gets_431(front: Daemon) -> None:
+    """Sent in one write or dribbled in pieces, the head is not held past the limit."""
+    huge = b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 200_000 + b"\r\n\r\n"
+    pieces = [b"GET /health HTTP/1.1\r\n"] + [b"x-h%d: %s\r\n" % (i, b"v" * 2000) for i in range(40)]
+    for parts in ([huge], pieces):
+        sock, f = connect(front.port)
+        try:
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(0.005)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before all of it was sent
+        assert read_response(f)[0] == 431
+        sock.close()
+    assert front.http.get("/health").status_code == 200
+
+
+def test_a_client_that_takes_nothing_of_its_answer_is_disconnected(front: Daemon) -> None:
+    """A 5.7 MB answer to a client that stops reading: cut after client_timeout_s, not held for ever."""
+    body = json.dumps({"model": "smollm2", "content": "the quick brown fox jumps " * 40000, "with_pieces": True})
+    whole = len(front.http.post("/tokenize", content=body).content)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", front.port))
+    sock.sendall(post("/tokenize", body.encode()))
+    time.sleep(PATIENCE_S + 3)  # reads nothing
+    sock.settimeout(30)
+    got = read_all(sock)
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200") and len(got) < whole
+    assert "took nothing of its answer for 3 s" in front.log()
+    assert front.http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
 def test_a_large_answer_leaves_its_backend_connection_fit_for_the_next_request(front: Daemon) -> None:
     """A direct answer over the client's buffer pauses the backend connection while it is written;
     that connection went back to the pool still paused, and the next request on it hung."""
@@ -133,6 +200,18 @@ def test_a_large_answer_leaves_its_backend_connection_fit_for_the_next_request(f
         for _ in range(3):
             assert len(http.post("/tokenize", json=big).json()["tokens"]) > 100_000
             assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_waiting_longer_than_client_timeout_s_for_an_answer_is_not_a_stall(front: Daemon) -> None:
+    """Only a client that sends or takes nothing is timed out, not one whose backend is slow."""
+    pid = front.model("smollm2")["pid"]  # type: ignore[index]
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(front.http.post, "/v1/chat/completions", json=CHAT)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(PATIENCE_S + 2)
+        os.kill(pid, signal.SIGCONT)
+        assert answer.result(timeout=30).status_code == 200
 
 
 def test_a_spoofed_forwarded_for_is_replaced_by_the_real_address(front: Daemon) -> None:

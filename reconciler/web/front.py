@@ -14,12 +14,19 @@ arrive (uploads stay streaming), answers re-framed for the client (chunked or co
 SSE passed through chunk by chunk with flow control both ways; a client that goes away closes
 its backend connection (the generation stops). A pooled backend connection closed before it
 answered anything is retried once on a fresh one.
+
+A slow or stuck client holds nothing for long (nginx's header, body and send timeouts, in one
+setting): a request head over MAX_HEAD_BYTES is refused with 431; one whose head or body stops
+arriving for `server.client_timeout_s` gets 408; a client that takes nothing of its answer for as
+long is disconnected, which closes its backend connection (a backend slot is not held by a
+reader that went silent). The front's own pauses (pipelining, a full upload) do not count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import socket
@@ -30,6 +37,7 @@ from typing import Any, cast
 
 import httptools
 
+from reconciler.spec import ServerSettings
 from reconciler.web.proxy import (
     CORE,
     HOP_HEADERS,
@@ -46,6 +54,7 @@ from reconciler.web.upstream import Connection, Pool
 JSON_PATHS = frozenset({*CORE, *ROUTED})
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 KEEP_ALIVE_S = 5.0  # an idle client connection is closed after this (uvicorn's default)
+MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers (nginx allows 32 KiB, uvicorn 16 KiB)
 # Headers that describe one hop, not the message; xgen sets its own for each side.
 HOP = frozenset({*(h.encode() for h in HOP_HEADERS), b"expect"})  # the front answers Expect itself
 TO_APP_DROP = frozenset(
@@ -55,6 +64,8 @@ TO_APP_DROP = frozenset(
 FROM_APP_DROP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te", b"trailer"})
 SSE_DROP = frozenset({b"cache-control", b"x-accel-buffering"})
 SSE_ADD = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+log = logging.getLogger(__name__)
 
 
 class Front:
@@ -67,6 +78,7 @@ class Front:
         self.clients: set[Client] = set()
         self.server: asyncio.AbstractServer | None = None
         self.closing = False
+        self.now = time.monotonic()  # the sweep's clock: client timestamps need no clock read per request
         proxy.store.listeners.append(self._on_event)
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -92,12 +104,15 @@ class Front:
         self._sweep()
 
     def _sweep(self) -> None:
-        """Close connections idle for KEEP_ALIVE_S: one timer for all (a timer per request was 2% of the CPU)."""
+        """Each second: close connections idle for KEEP_ALIVE_S and time out stuck clients. One
+        timer for all (a timer per request was 2% of the CPU)."""
         if self.closing:
             return
-        limit = time.monotonic() - KEEP_ALIVE_S
-        for client in [c for c in self.clients if c.idle_since is not None and c.idle_since < limit]:
-            client.abort()
+        self.now = time.monotonic()
+        spec = self.proxy.get_spec()
+        patience = (spec.server if spec is not None else ServerSettings()).client_timeout_s
+        for client in list(self.clients):
+            client.check(self.now, patience)
         asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     async def drain(self, timeout: float) -> None:
@@ -114,7 +129,7 @@ class Front:
 
     def close(self) -> None:
         for client in list(self.clients):
-            client.abort()
+            client.abort()  # not close(): a client that reads nothing would keep its socket
         for _, pool in self.pools.values():
             pool.close()
         self.app.close()
@@ -131,7 +146,13 @@ class Client(asyncio.Protocol):
         self.exchanges: deque[Exchange] = deque()  # the first is being answered; others were pipelined
         self.incoming: Exchange | None = None
         self.writing_paused = False
-        self.idle_since: float | None = 0.0  # monotonic; None while a request is in
+        # timestamps of Front.now (None: not so)
+        self.idle_since: float | None = front.now  # no request in
+        self.head_since: float | None = None  # a request's head is being read
+        self.head_bytes = 0  # read while that head was incomplete
+        self.last_read = front.now
+        self.stalled_since: float | None = None  # the client takes nothing of its answer
+        self.held = False  # the front does not read (pipelining, an upload's backend is full)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,15 +160,24 @@ class Client(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if isinstance(peer, tuple) else b"127.0.0.1"
         self.front.clients.add(self)
-        self.idle_since = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = self.front.now
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(b"400 Bad Request", b"protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
             self._refuse(b"400 Bad Request", f"malformed HTTP request: {exc}".encode())
+            return
+        if self.head_since is not None:  # a head goes on past this read (the parser holds it)
+            self.head_bytes += len(data)  # whole reads: the first may end a pipelined body too
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._refuse(
+                    b"431 Request Header Fields Too Large",
+                    b"the request line and headers are over %d bytes" % MAX_HEAD_BYTES,
+                )
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.front.clients.discard(self)
@@ -158,17 +188,20 @@ class Client(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self.stalled_since = self.front.now
         if self.exchanges:
             self.exchanges[0].pause(True)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.stalled_since = None
         if self.exchanges:
             self.exchanges[0].pause(False)
 
     # httptools
     def on_message_begin(self) -> None:
         self.idle_since = None
+        self.head_since, self.head_bytes = self.front.now, 0
         self.incoming = Exchange(self)
 
     def on_url(self, url: bytes) -> None:
@@ -182,6 +215,7 @@ class Client(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         exchange = self.incoming
         assert exchange is not None and self.transport is not None
+        self.head_since = None
         exchange.fields = dict(reversed(exchange.headers))
         exchange.method = self.parser.get_method()
         exchange.keep_alive = self.parser.should_keep_alive()
@@ -200,8 +234,8 @@ class Client(asyncio.Protocol):
         exchange, self.incoming = self.incoming, None
         if exchange is not None:
             exchange.complete()
-        if len(self.exchanges) > 1 and self.transport is not None:
-            self.transport.pause_reading()  # pipelined: read no further until the queue moves
+        if len(self.exchanges) > 1:
+            self.hold(True)  # pipelined: read no further until the queue moves
 
     # answering
     def write(self, data: bytes) -> None:
@@ -214,22 +248,69 @@ class Client(asyncio.Protocol):
             return
         self.exchanges.popleft()
         if not exchange.keep_alive or self.front.closing:
-            self.abort()
+            self.idle_since = self.front.now  # gone once the answer is out (the sweep sees to it if never)
+            self.close()
             return
         if self.exchanges:
             self.exchanges[0].start()
         elif self.incoming is None:
-            self.idle_since = time.monotonic()
-        if self.transport is not None:
-            self.transport.resume_reading()
+            self.idle_since = self.front.now
+        if self.held:
+            self.hold(False)
+
+    def hold(self, held: bool) -> None:
+        """Stop reading the client (or go on): the time the front holds it back is not its delay."""
+        if self.transport is None:
+            return
+        self.held = held
+        if held:
+            self.transport.pause_reading()
+            return
+        self.last_read = self.front.now
+        if self.head_since is not None:
+            self.head_since = self.front.now
+        self.transport.resume_reading()
+
+    def check(self, now: float, patience: float) -> None:
+        """The sweep's look at this connection: idle too long, or a client stuck for `patience` s."""
+        late = now - patience
+        if self.stalled_since is not None and self.stalled_since < late:  # idle or not: its answer is unsent
+            log.info("client %s took nothing of its answer for %g s: disconnected", self.peer.decode(), patience)
+            self.abort()
+        elif self.idle_since is not None:
+            if self.idle_since < late - KEEP_ALIVE_S:
+                self.abort()  # closed long ago, and still here: its last answer is not taken
+            elif self.idle_since < now - KEEP_ALIVE_S:
+                self.close()
+        elif self.held:
+            return
+        elif self.head_since is not None and self.head_since < late:
+            self._time_out(f"the request's head did not arrive within {patience:g} s (server.client_timeout_s)")
+        elif self.incoming is not None and self.last_read < late:
+            self._time_out(f"the request's body stopped arriving for {patience:g} s (server.client_timeout_s)")
+
+    def _time_out(self, why: str) -> None:
+        """408 when nothing of an answer has gone out (no earlier pipelined one either), then closed."""
+        log.info("client %s: %s: disconnected", self.peer.decode(), why)
+        pending = self.exchanges
+        if not pending or (len(pending) == 1 and pending[0] is self.incoming and pending[0].status == 0):
+            self._refuse(b"408 Request Timeout", why.encode())
+        else:
+            self.abort()
 
     def close_if_idle(self) -> None:
         if not self.exchanges and self.incoming is None:
-            self.abort()
+            self.close()
 
-    def abort(self) -> None:
+    def close(self) -> None:
+        """Closed once what was written has gone out."""
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Closed now, whatever is unsent."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def _refuse(self, status: bytes, why: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -238,7 +319,7 @@ class Client(asyncio.Protocol):
                 b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
                 % (status, len(body), body.encode())
             )
-        self.abort()
+        self.close()
 
 
 class Exchange:
@@ -446,7 +527,7 @@ class Exchange:
             return
         if self.status and self.body_out is None:  # the answer had begun: it can only be cut off
             self.keep_alive = False
-            self.client.abort()
+            self.client.close()
             self._finish()
             return
         if direct is not None:
@@ -455,11 +536,8 @@ class Exchange:
             self._error(openai_error(503, f"xgen's app did not answer: {exc!r}", "service_unavailable"))
 
     def writable(self, ready: bool) -> None:
-        if self.client.transport is not None and not self.received:
-            if ready:
-                self.client.transport.resume_reading()
-            else:
-                self.client.transport.pause_reading()
+        if not self.received:
+            self.client.hold(not ready)
 
     # the client
     def pause(self, paused: bool) -> None:
