@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Coroutine, Iterator
@@ -72,6 +73,27 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def open_files_limit() -> int:
+    """The soft limit on open files raised to the hard one, as Go's runtime does for llama-swap:
+    each client and each backend connection is a file, and a service's usual soft limit (1024)
+    would cap xgen near 500 concurrent requests, the rest dropped unexplained. Returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # the kernel's usual nr_open
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning(
+                "cannot raise the open files limit from %d to %d (%s): about %d clients at once",
+                soft,
+                wanted,
+                exc,
+                soft // 2,
+            )
+    return wanted if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The public socket, bound before anything starts; raises OSError with what to do."""
     try:
@@ -94,7 +116,7 @@ class Http:
         self.inner.bind(self.name)
         self.inner.listen(2048)
         self.server = _Server(uvicorn_config(app))
-        self.front = Front(app.state.proxy, self.name)
+        self.front = Front(app.state.proxy, self.name, open_files_limit())
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -205,7 +227,14 @@ async def _serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    log.info("xgen serving %s on http://%s:%d (state dir %s)", file, host, port, state_dir)
+    log.info(
+        "xgen serving %s on http://%s:%d (state dir %s, %d open files at most)",
+        file,
+        host,
+        port,
+        state_dir,
+        http.front.files,
+    )
     statedir.write_address(state_dir, statedir.local_url(host, port), file)  # for the CLI, whatever --port said
     web = asyncio.create_task(http.run())
     loop_task = asyncio.create_task(reconciler.run())

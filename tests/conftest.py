@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ class Daemon:
                      "HIGH": self.low + 19}
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}  # on top of the test's own environment
+        self.preexec: Callable[[], None] | None = None  # run in the daemon's process before it starts
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
 
     @property
@@ -101,7 +102,8 @@ class Daemon:
     def start(self) -> None:
         log = (self.dir / "daemon.log").open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "reconciler.cli", "serve", self.file.name],
-                                     cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+                                     cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                     preexec_fn=self.preexec)
         self.until(lambda s: True, what="the daemon to answer")
 
     def launch(self, body: str, timeout: float = 60, *, header: bool = True) -> dict[str, Any]:

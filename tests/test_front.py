@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -310,3 +311,29 @@ def test_sigterm_with_a_client_idle_on_a_kept_alive_connection_exits_at_once(tmp
     assert f.read() == b""
     sock.close()
 
+
+
+def test_a_low_open_files_limit_is_raised_so_every_client_is_served(tmp_path: Path, default_model: Path,
+                                                                   tiny_gguf: Path, llama_server: Path) -> None:
+    """Started with a service's low soft limit (here 256), xgen raises it to the hard one, as Go
+    programs do: 400 clients at once (and as many app connections) are all answered. Before,
+    the connections past the limit were dropped and nothing said why."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard open files limit here is {hard}")
+    d = Daemon(tmp_path, default_model, tiny_gguf)
+    d.preexec = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    d.launch(ONE_MODEL)
+    clients = [connect(d.port) for _ in range(400)]
+    try:
+        assert d.proc is not None
+        limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
+        soft = next(line.split()[3] for line in limits.splitlines() if line.startswith("Max open files"))
+        assert soft != "256" and "open files at most" in d.log()
+        for sock, _ in clients:
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert [read_response(f)[0] for _, f in clients] == [200] * 400
+    finally:
+        for sock, _ in clients:
+            sock.close()
+        d.stop()

@@ -54,6 +54,7 @@ from reconciler.web.upstream import Connection, Pool
 JSON_PATHS = frozenset({*CORE, *ROUTED})
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 KEEP_ALIVE_S = 5.0  # an idle client connection is closed after this (uvicorn's default)
+FILES_WARNING_S = 60.0  # how often a front near its open files limit says so
 MAX_HEAD_BYTES = 64 * 1024  # a request's line and headers (nginx allows 32 KiB, uvicorn 16 KiB)
 # Headers that describe one hop, not the message; xgen sets its own for each side.
 HOP = frozenset({*(h.encode() for h in HOP_HEADERS), b"expect"})  # the front answers Expect itself
@@ -71,8 +72,10 @@ log = logging.getLogger(__name__)
 class Front:
     """The server: client connections, a pool per backend process, the app's pool, drains."""
 
-    def __init__(self, proxy: Proxy, app_socket: str) -> None:
+    def __init__(self, proxy: Proxy, app_socket: str, files: int) -> None:
         self.proxy = proxy
+        self.files = files  # the open files limit: a client and its backend connection take two
+        self.crowded_at = -FILES_WARNING_S  # when the last warning about it was logged
         self.app = Pool(path=app_socket)
         self.pools: dict[int, tuple[int | None, Pool]] = {}  # by backend port: (pid, pool)
         self.clients: set[Client] = set()
@@ -113,6 +116,14 @@ class Front:
         patience = (spec.server if spec is not None else ServerSettings()).client_timeout_s
         for client in list(self.clients):
             client.check(self.now, patience)
+        if 2 * len(self.clients) > 0.8 * self.files and self.now - self.crowded_at > FILES_WARNING_S:
+            self.crowded_at = self.now
+            log.warning(
+                "%d clients connected, near the open files limit (%d): new connections will be dropped; "
+                "raise LimitNOFILE (systemd) or ulimit -n",
+                len(self.clients),
+                self.files,
+            )
         asyncio.get_running_loop().call_later(1.0, self._sweep)
 
     async def drain(self, timeout: float) -> None:
