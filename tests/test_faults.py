@@ -213,7 +213,8 @@ def test_a_pinned_port_held_by_another_process_is_an_error_until_it_frees(daemon
     status = daemon.until(lambda s: any(m["state"] == "ERROR" for m in s["loaded_models"]), 20, "ERROR")
     tiny = next(m for m in status["loaded_models"] if m["name"] == "tiny")
     assert tiny["error_message"] == f"port {port} (pinned by the spec) is in use by another process"
-    assert chat(daemon).status_code == 200  # the other model serves throughout
+    answer = chat(daemon)
+    assert answer.status_code == 200, (answer.text, daemon.log()[-3000:])  # the other model serves throughout
     holder.close()
     daemon.until(lambda s: all(m["state"] == "LOADED" for m in s["loaded_models"]), 30, "a retry once the port frees")
     assert daemon.model("tiny")["port"] == port  # type: ignore[index]
