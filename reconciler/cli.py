@@ -121,7 +121,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 status = 1
                 continue
         loaded = len(spec.loaded)
-        print(f"{path}: valid ({len(spec.models)} models, {loaded} loaded, generation {spec.generation})")
+        count = len(spec.models)
+        print(
+            f"{path}: valid ({count} model{'' if count == 1 else 's'}, {loaded} loaded, generation {spec.generation})"
+        )
     return status
 
 

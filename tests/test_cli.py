@@ -43,7 +43,7 @@ def test_models_yaml_matches_the_schema_too() -> None:
 def test_validate_default_file(default_model: Path) -> None:
     result = xgen("validate", "models.yaml")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("models.yaml: valid (1 models, 1 loaded, generation ")
+    assert result.stdout.startswith("models.yaml: valid (1 model, 1 loaded, generation ")
 
 
 def test_validate_reports_three_mistakes_with_lines(tmp_path: Path) -> None:
