@@ -49,7 +49,7 @@ from reconciler.web.proxy import (
     openai_error,
     unsupported,
 )
-from reconciler.web.upstream import Connection, Pool
+from reconciler.web.upstream import Connection, Pool, write
 
 JSON_PATHS = frozenset({*CORE, *ROUTED})
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -356,7 +356,7 @@ class Exchange:
         self.direct: Direct | None = None
         self.endpoint = ""
         self.retried = False
-        self.request_bytes = b""  # head + body of a direct request (sent again on a stale connection)
+        self.request_head = b""  # of a direct request, sent with direct.body (again on a stale connection)
         # the answer
         self.status = 0
         self.sse = False
@@ -424,8 +424,8 @@ class Exchange:
             b"POST %s HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-length: %d\r\n" % (self.url, port, len(direct.body))
         ]
         lines += [b"%s: %s\r\n" % pair for pair in self.headers if pair[0] not in HOP]  # never the client's key
-        lines += [b"\r\n", direct.body]
-        self.request_bytes = b"".join(lines)
+        lines.append(b"\r\n")
+        self.request_head = b"".join(lines)
         self.parts = []
         proxy.begin(info.name, port)
         self._send(self.client.front.pool(port, info.pid))
@@ -434,7 +434,7 @@ class Exchange:
         conn = None if fresh else pool.take()
         if conn is not None:
             self.conn = conn
-            conn.send(self, self.request_bytes)
+            conn.send(self, self.request_head, self.direct.body if self.direct else b"")
             if self.client.writing_paused:
                 conn.pause(True)
         else:
@@ -453,9 +453,9 @@ class Exchange:
         if self.client.writing_paused:
             conn.pause(True)
         if self.direct is not None:
-            conn.send(self, self.request_bytes)
+            conn.send(self, self.request_head, self.direct.body)
             return
-        conn.send(self, self._app_head() + b"".join(self.parts), head_only=self.method == b"HEAD")
+        conn.send(self, self._app_head(), b"".join(self.parts), head_only=self.method == b"HEAD")
         self.parts = []
         if not self.received:
             self.streaming_to = conn
@@ -580,8 +580,9 @@ class Exchange:
                 self.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
         if not self.keep_alive or self.client.front.closing:
             lines.append(b"connection: close\r\n")
-        lines += [b"\r\n", body]
-        self.client.write(b"".join(lines))
+        lines.append(b"\r\n")
+        if self.client.transport is not None:
+            write(self.client.transport, b"".join(lines), body)
 
     def _answer_held(self) -> None:
         """A direct, non-streamed answer: counted, and explained when the backend lacks the endpoint."""
