@@ -113,6 +113,11 @@ class ServerSettings(_Strict):
         "bytes, a size (`12GiB`, `800MiB`) or a share of the device (`90%`). Default: the device's memory minus "
         "`memory_reserve`. On-demand models are loaded and evicted to stay inside it.",
     )
+    log_max_bytes: int | str = Field(
+        "10MiB",
+        description="A backend's log (state_dir/logs/<model>.log) past this size is moved to <model>.log.1 (the "
+        "one before it goes), checked every few seconds while the backend runs: a size (`10MiB`) or bytes.",
+    )
     memory_reserve: int | str = Field(
         "1GiB", description="Memory left free on every device whose budget is not set (a size or a share)."
     )
@@ -145,6 +150,15 @@ class ServerSettings(_Strict):
             if not re.fullmatch(r"cpu|gpu|gpu\d+", device):
                 raise ValueError(f"found device '{device}', expected cpu, gpu (every GPU) or gpu0, gpu1 …")
             size_of(amount, 1)
+        return value
+
+    @field_validator("log_max_bytes", mode="after")
+    @classmethod
+    def _log_size(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and value.strip().endswith("%"):
+            raise ValueError(f"found {value!r}, expected a size such as 10MiB or bytes (a share of nothing is 0)")
+        if size_of(value, 0) < 64 * 1024:
+            raise ValueError(f"found {value!r}, expected at least 64KiB (a log that small keeps almost nothing)")
         return value
 
     @field_validator("memory_reserve", mode="after")

@@ -37,7 +37,7 @@ from reconciler.state import CRASH_LOOP_AFTER, ModelInfo, ModelState
 from reconciler.store import StateStore
 
 log = logging.getLogger("xgen.supervisor")
-LOG_ROTATE_BYTES = 10 * 2**20
+ROTATE_CHECK_S = 5.0  # how often running backends' logs are measured (a stat each)
 TAIL_LINES = 20
 LEFTOVER_GRACE_S = 5.0  # what a crashed backend's own children get before SIGKILL
 REMOTE_TIMEOUT_S = 10.0
@@ -87,6 +87,29 @@ def read_tail(path: Path, size: int) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def rotate_in_place(path: Path, limit: int) -> bool:
+    """logrotate's copytruncate, for the log of a running backend: the process holds the file
+    open for appending, so a rename would leave it writing to .log.1. The file is copied (with
+    what was appended during the copy) and emptied; a line written in the instant between is
+    lost. True when rotated."""
+    try:
+        if path.stat().st_size <= limit:
+            return False
+        with path.open("rb") as source, path.with_suffix(".log.1").open("wb") as kept:
+            shutil.copyfileobj(source, kept)
+            kept.write(source.read())
+            os.truncate(path, 0)
+        with path.open("ab") as log_file:
+            log_file.write(
+                f"===== xgen: log rotated at {time.strftime('%Y-%m-%d %H:%M:%S')}; earlier lines in "
+                f"{path.name}.1 =====\n".encode()
+            )
+    except OSError as exc:
+        log.warning("cannot rotate %s: %s", path, exc)
+        return False
+    return True
 
 
 def exit_reason(code: int) -> str:
@@ -188,6 +211,7 @@ class Supervisor:
         self.launcher = pdeathsig_launcher()
         self.remote_checks: dict[str, asyncio.Task[None]] = {}  # remote models: their periodic check
         self.remote_check_s = 10.0  # the reconciler sets it from the spec every pass
+        self.log_max_bytes = 10 * 2**20  # likewise
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         (state_dir / "pids").mkdir(parents=True, exist_ok=True)
         # no keep-alive: llama-server waits for open connections when it stops (122 ms with one)
@@ -536,12 +560,23 @@ class Supervisor:
 
     def _open_log(self, name: str) -> BinaryIO:
         path = self.state_dir / "logs" / f"{name}.log"
-        if path.exists() and path.stat().st_size > LOG_ROTATE_BYTES:
+        if path.exists() and path.stat().st_size > self.log_max_bytes:
             path.replace(path.with_suffix(".log.1"))
         handle = path.open("ab")
         handle.write(f"\n===== xgen: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
         handle.flush()
         return handle
+
+    async def rotate_logs(self) -> None:
+        """Forever: the log of a running backend past log_max_bytes is rotated in place (a
+        backend logs each request: ~1 KB for llama-server, hundreds of MB a day under load)."""
+        while True:
+            await asyncio.sleep(ROTATE_CHECK_S)
+            for name in {key.split("+")[0] for key in self.children}:
+                if await asyncio.to_thread(
+                    rotate_in_place, self.state_dir / "logs" / f"{name}.log", self.log_max_bytes
+                ):
+                    log.info("%s: log rotated (over %d bytes)", name, self.log_max_bytes)
 
     def log_tail(self, name: str, lines: int = TAIL_LINES) -> tuple[str, ...]:
         """The last lines the model's current process wrote (after the last start marker)."""

@@ -33,7 +33,7 @@ from reconciler.executor import Executor
 from reconciler.gpu import GpuMonitor
 from reconciler.memory import MeasuredMemory
 from reconciler.plan import Observed, Plan, plan, server_view
-from reconciler.spec import MAX_SPEC_BYTES, Problem, Spec, SpecError, loads
+from reconciler.spec import MAX_SPEC_BYTES, Problem, Spec, SpecError, loads, size_of
 from reconciler.state import ModelState
 from reconciler.store import StateStore
 from reconciler.supervisor import RestartPolicy, tree_rss
@@ -101,7 +101,11 @@ class Reconciler:
     async def run(self) -> None:
         """Until stop(): watch, sample GPUs, and run passes one at a time."""
         async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self._watch_file()), tg.create_task(self._sample_gpus())]
+            tasks = [
+                tg.create_task(self._watch_file()),
+                tg.create_task(self._sample_gpus()),
+                tg.create_task(self.executor.supervisor.rotate_logs()),
+            ]
             self._wake.set()
             while not self._stop.is_set():
                 # woken, or timed out: resync, a backoff that expired, or a settle window that closed
@@ -212,6 +216,7 @@ class Reconciler:
             return
         self.executor.supervisor.policy = RestartPolicy(spec.server.backoff_max_s, spec.server.backoff_reset_s)
         self.executor.supervisor.remote_check_s = spec.server.remote_check_s
+        self.executor.supervisor.log_max_bytes = size_of(spec.server.log_max_bytes, 0)
         if spec is self.spec:
             self._forget_abandoned_updates(spec)
         observed = await asyncio.to_thread(self.observe, spec)

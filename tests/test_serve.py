@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ONE_MODEL, Daemon, pid_alive
+from conftest import ONE_MODEL, Daemon, launched, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -282,3 +282,30 @@ def test_both_ways_of_setting_the_death_signal_kill_the_child_with_its_parent(wa
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not pid_alive(pid), f"the child outlived its killed parent ({way})"
+
+
+def test_a_running_backends_log_is_rotated_past_log_max_bytes(tmp_path: Path, default_model: Path, tiny_gguf: Path,
+                                                             llama_server: Path) -> None:
+    """llama-server logs ~1 KB a request into a file it holds open: past server.log_max_bytes the
+    file is copied to .log.1 and emptied while the backend runs on (before, it grew until the
+    next restart: hundreds of MB a day under load)."""
+    spec = ("server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], stop_grace_s: 5, log_max_bytes: 64KiB}}\n"
+            + ONE_MODEL)
+    with launched(tmp_path, default_model, tiny_gguf, spec, header=False) as d:
+        log, kept = tmp_path / ".xgen" / "logs" / "smollm2.log", tmp_path / ".xgen" / "logs" / "smollm2.log.1"
+        pid = d.model("smollm2")["pid"]  # type: ignore[index]
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        deadline = time.monotonic() + 60
+        while not kept.exists() and time.monotonic() < deadline:
+            for _ in range(20):
+                assert d.http.post("/v1/chat/completions", json=chat).status_code == 200
+        assert kept.exists(), d.log()[-2000:]
+        assert kept.stat().st_size > 64 * 1024 and "===== xgen: starting smollm2" in kept.read_text()
+        assert "log rotated at" in log.read_text() and log.stat().st_size < 64 * 1024
+        size = log.stat().st_size
+        assert d.http.post("/v1/chat/completions", json=chat).status_code == 200
+        assert log.stat().st_size > size  # the backend writes on into the same, emptied file
+        lines = d.http.get("/api/logs/smollm2", params={"lines": 50}).json()["lines"]
+        assert any("slot" in line for line in lines), lines  # the emptied file's new lines
+        assert d.model("smollm2")["pid"] == pid  # type: ignore[index]
+        assert "smollm2: log rotated (over 65536 bytes)" in d.log()

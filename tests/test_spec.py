@@ -241,3 +241,12 @@ def test_load_reports_host_problems_beside_parse_problems(tmp_path: Path) -> Non
     assert text[1].endswith("models.b.n_ctx: found 'banana', expected an integer")
     assert text[2].endswith(f"models.c.path: {tmp_path / 'page.gguf'} is not a GGUF file (it starts with b'<htm', "
                             "a GGUF file with b'GGUF')")
+
+
+def test_log_max_bytes_is_a_size_of_at_least_64_kib() -> None:
+    assert parse("server: {log_max_bytes: 1MiB}\nmodels: {}\n", "m.yaml", {}).server.log_max_bytes == "1MiB"
+    assert problems("server: {log_max_bytes: 1KiB}\nmodels: {}\n") == [
+        "m.yaml:1:10: server.log_max_bytes: found '1KiB', expected at least 64KiB "
+        "(a log that small keeps almost nothing)"
+    ]
+    assert "expected a size such as 10MiB" in problems("server: {log_max_bytes: 50%}\nmodels: {}\n")[0]
