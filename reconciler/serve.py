@@ -1,7 +1,8 @@
 """`xgen serve`: the reconciler and the HTTP app in one event loop, with a clean shutdown.
 
 SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded), stop every child, exit 0.
-A second signal forces: children get SIGKILL at once.
+A second signal forces: children get SIGKILL at once. SIGHUP reads models.yaml again (and no
+longer ends the daemon without a drain, as Python's default did).
 """
 
 from __future__ import annotations
@@ -225,8 +226,13 @@ async def _serve(
             supervisor.kill_all_now()
             http.force()
 
+    def on_hangup() -> None:  # a reload by convention (systemctl reload, a closed terminal): not an exit
+        log.info("SIGHUP: reading %s again", file)
+        reconciler.reread()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     log.info(
         "xgen serving %s on http://%s:%d (state dir %s, %d open files at most)",
         file,

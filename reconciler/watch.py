@@ -94,6 +94,11 @@ class Reconciler:
     def request_pass(self) -> None:
         self._wake.set()
 
+    def reread(self) -> None:
+        """A pass that reads the file again now, changed or not (SIGHUP: a reload by convention)."""
+        self._changed = True
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()

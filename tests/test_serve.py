@@ -309,3 +309,19 @@ def test_a_running_backends_log_is_rotated_past_log_max_bytes(tmp_path: Path, de
         assert any("slot" in line for line in lines), lines  # the emptied file's new lines
         assert d.model("smollm2")["pid"] == pid  # type: ignore[index]
         assert "smollm2: log rotated (over 65536 bytes)" in d.log()
+
+
+def test_sighup_reads_the_file_again_and_ends_nothing(daemon: Daemon) -> None:
+    """SIGHUP is a reload by convention (`systemctl reload`, a closed terminal); Python's default
+    ended the daemon at once, without a drain, cutting every request in flight."""
+    daemon.launch(ONE_MODEL)
+    assert daemon.proc is not None
+    pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "SIGHUP: reading models.yaml again" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "SIGHUP: reading models.yaml again" in daemon.log()
+    assert daemon.proc.poll() is None and daemon.model("smollm2")["pid"] == pid  # type: ignore[index]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert daemon.http.post("/v1/chat/completions", json=chat).status_code == 200
