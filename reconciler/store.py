@@ -57,6 +57,7 @@ class StateStore:
     active: str | None = None
     generation: str | None = None
     observed_generation: str | None = None
+    routed_generation: str | None = None  # the adopted spec whose plan is handed out: its routing is in place
     spec_error: list[str] | None = None  # problems of the file as it is now, if invalid
     last_plan: dict[str, Any] | None = None
     last_pass: dict[str, Any] | None = None
@@ -258,10 +259,14 @@ class StateStore:
 
     async def wait_settled(self, timeout: float) -> None:
         """Until the file has settled (its new routing is in place), or the timeout."""
+        await self.wait_until(lambda: not self.settling, timeout)
+
+    async def wait_until(self, done: Callable[[], bool], timeout: float) -> None:
+        """Until `done()` holds after a change to the store (or at once), the store closes, or the timeout."""
         if self._changed is None:
             self._changed = asyncio.Condition()
         deadline = time.monotonic() + timeout
-        while self.settling and not self.closed and (left := deadline - time.monotonic()) > 0:
+        while not done() and not self.closed and (left := deadline - time.monotonic()) > 0:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)

@@ -325,3 +325,14 @@ def test_sighup_reads_the_file_again_and_ends_nothing(daemon: Daemon) -> None:
     assert daemon.proc.poll() is None and daemon.model("smollm2")["pid"] == pid  # type: ignore[index]
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     assert daemon.http.post("/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_a_request_right_after_start_on_a_fresh_file_waits_for_it_to_settle(daemon: Daemon) -> None:
+    """A daemon started on a file written a moment ago holds its spec back for settle_ms; a
+    request meanwhile was answered 503 "no valid models.yaml loaded yet". It waits now."""
+    daemon.write("server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], settle_ms: 4000}}\n" + ONE_MODEL,
+                 header=False)
+    daemon.start()  # answers HTTP within about a second: the file is still settling
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    answer = daemon.http.post("/v1/chat/completions", json=chat)
+    assert answer.status_code == 200, answer.text

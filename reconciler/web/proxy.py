@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from reconciler.policy import apply_params
-from reconciler.spec import ModelSpec, Spec
+from reconciler.spec import ModelSpec, ServerSettings, Spec
 from reconciler.state import ModelInfo, ModelState
 from reconciler.store import StateStore
 from reconciler.supervisor import remote_auth
@@ -345,12 +345,17 @@ class Proxy:
             return anthropic_error(response)  # only xgen's own errors are JSONResponse here
         return response
 
-    def _admit(self, request: Request) -> Spec | Response:
+    async def _admit(self, request: Request) -> Spec | Response:
         """The spec to route with, or the answer for a request that goes no further (no key, no
-        spec yet, a declared body over the limit)."""
+        spec yet, a declared body over the limit). Just after start, until the file's first read
+        gives a spec (it may be settling: written a moment before), the request waits for it, as
+        it would for a load."""
         if (denied := self.check_key(request)) is not None:
             return denied
         spec: Spec | None = self.get_spec()
+        if spec is None and self.store.spec_error is None:  # starting: the file's first pass is on its way
+            await self.store.wait_until(self._first_pass_done, ServerSettings().load_wait_s)
+            spec = self.get_spec()
         if spec is None:
             return openai_error(
                 503, "no valid models.yaml loaded yet", "service_unavailable", headers={"Retry-After": "5"}
@@ -359,10 +364,20 @@ class Proxy:
             return _too_large(spec.server.max_body_bytes)
         return spec
 
+    def _first_pass_done(self) -> bool:
+        """A spec was adopted and its plan handed out (the active model is set), its plan was
+        refused, or the file is invalid."""
+        spec = self.get_spec()
+        return (
+            self.store.spec_error is not None
+            or self.store.plan_errors is not None
+            or (spec is not None and self.store.routed_generation == spec.generation)
+        )
+
     async def _forward(self, request: Request) -> Response:
         endpoint = request.url.path.removeprefix("/v1/")
         t0 = time.perf_counter()
-        spec = self._admit(request)
+        spec = await self._admit(request)
         if isinstance(spec, Response):
             return spec
         limit = spec.server.max_body_bytes
@@ -389,7 +404,7 @@ class Proxy:
         if boundary is None:
             return await self.forward(request)
         t0 = time.perf_counter()
-        spec = self._admit(request)
+        spec = await self._admit(request)
         if isinstance(spec, Response):
             return spec
         limit = spec.server.max_body_bytes
@@ -561,7 +576,7 @@ class Proxy:
         """`/upstream/<model>/<path>`: the model's own server, raw (its /props, /slots, /metrics).
         Read-only methods unless `server.upstream_write` allows more."""
         t0 = time.perf_counter()
-        spec = self._admit(request)
+        spec = await self._admit(request)
         if isinstance(spec, Response):
             return spec
         if request.method not in ("GET", "HEAD") and not spec.server.upstream_write:
