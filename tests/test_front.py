@@ -143,8 +143,19 @@ def read_all(sock: socket.socket) -> bytes:
     return out
 
 
+def metric(front: Daemon, line: str) -> float:
+    """The value of the /metrics line that starts with `line` (0 when there is none yet)."""
+    found = [row for row in front.http.get("/metrics").text.splitlines() if row.startswith(line + " ")]
+    return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+
+def dropped(front: Daemon, reason: str) -> float:
+    return metric(front, f'xgen_front_clients_dropped_total{{reason="{reason}"}}')
+
+
 def test_a_request_that_stops_arriving_gets_408_after_client_timeout_s(front: Daemon) -> None:
     """Half a head, half a body: neither holds a connection for ever (slowloris)."""
+    counted = [dropped(front, "head_timeout"), dropped(front, "body_timeout")]
     for partial in (b"GET /health HTTP/1.1\r\nhost: x\r\n",
                     b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"mod"):
         sock, f = connect(front.port)
@@ -157,6 +168,7 @@ def test_a_request_that_stops_arriving_gets_408_after_client_timeout_s(front: Da
         assert f.read() == b""
         sock.close()
     assert "did not arrive within 3 s" in front.log() and "stopped arriving for 3 s" in front.log()
+    assert [dropped(front, "head_timeout"), dropped(front, "body_timeout")] == [counted[0] + 1, counted[1] + 1]
 
 
 def test_a_head_over_64_kib_gets_431(front: Daemon) -> None:
@@ -174,6 +186,7 @@ def test_a_head_over_64_kib_gets_431(front: Daemon) -> None:
         assert read_response(f)[0] == 431
         sock.close()
     assert front.http.get("/health").status_code == 200
+    assert dropped(front, "head_too_large") >= 2
 
 
 def test_a_client_that_takes_nothing_of_its_answer_is_disconnected(front: Daemon) -> None:
@@ -184,12 +197,14 @@ def test_a_client_that_takes_nothing_of_its_answer_is_disconnected(front: Daemon
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", front.port))
     sock.sendall(post("/tokenize", body.encode()))
+    assert metric(front, "xgen_front_clients") >= 2  # this one and the scrape's
     time.sleep(PATIENCE_S + 3)  # reads nothing
     sock.settimeout(30)
     got = read_all(sock)
     sock.close()
     assert got.startswith(b"HTTP/1.1 200") and len(got) < whole
     assert "took nothing of its answer for 3 s" in front.log()
+    assert dropped(front, "answer_not_taken") >= 1
     assert front.http.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 

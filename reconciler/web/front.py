@@ -38,6 +38,7 @@ from typing import Any, cast
 import httptools
 
 from reconciler.spec import ServerSettings
+from reconciler.web import metrics
 from reconciler.web.proxy import (
     CORE,
     HOP_HEADERS,
@@ -82,6 +83,7 @@ class Front:
         self.server: asyncio.AbstractServer | None = None
         self.closing = False
         self.now = time.monotonic()  # the sweep's clock: client timestamps need no clock read per request
+        metrics.CLIENTS.set_function(lambda: len(self.clients))
         proxy.store.listeners.append(self._on_event)
 
     def _on_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -185,6 +187,7 @@ class Client(asyncio.Protocol):
         if self.head_since is not None:  # a head goes on past this read (the parser holds it)
             self.head_bytes += len(data)  # whole reads: the first may end a pipelined body too
             if self.head_bytes > MAX_HEAD_BYTES:
+                metrics.CLIENTS_DROPPED.labels("head_too_large").inc()
                 self._refuse(
                     b"431 Request Header Fields Too Large",
                     b"the request line and headers are over %d bytes" % MAX_HEAD_BYTES,
@@ -287,6 +290,7 @@ class Client(asyncio.Protocol):
         late = now - patience
         if self.stalled_since is not None and self.stalled_since < late:  # idle or not: its answer is unsent
             log.info("client %s took nothing of its answer for %g s: disconnected", self.peer.decode(), patience)
+            metrics.CLIENTS_DROPPED.labels("answer_not_taken").inc()
             self.abort()
         elif self.idle_since is not None:
             if self.idle_since < late - KEEP_ALIVE_S:
@@ -296,13 +300,15 @@ class Client(asyncio.Protocol):
         elif self.held:
             return
         elif self.head_since is not None and self.head_since < late:
-            self._time_out(f"the request's head did not arrive within {patience:g} s (server.client_timeout_s)")
+            self._time_out("head_timeout", f"the request's head did not arrive within {patience:g} s")
         elif self.incoming is not None and self.last_read < late:
-            self._time_out(f"the request's body stopped arriving for {patience:g} s (server.client_timeout_s)")
+            self._time_out("body_timeout", f"the request's body stopped arriving for {patience:g} s")
 
-    def _time_out(self, why: str) -> None:
+    def _time_out(self, reason: str, why: str) -> None:
         """408 when nothing of an answer has gone out (no earlier pipelined one either), then closed."""
+        why += " (server.client_timeout_s)"
         log.info("client %s: %s: disconnected", self.peer.decode(), why)
+        metrics.CLIENTS_DROPPED.labels(reason).inc()
         pending = self.exchanges
         if not pending or (len(pending) == 1 and pending[0] is self.incoming and pending[0].status == 0):
             self._refuse(b"408 Request Timeout", why.encode())

@@ -63,6 +63,14 @@ REJECTED = Counter(
     ["model", "reason"],
     registry=REGISTRY,
 )
+CLIENTS = Gauge("xgen_front_clients", "Client connections open to xgen's port", registry=REGISTRY)
+CLIENTS_DROPPED = Counter(
+    "xgen_front_clients_dropped_total",
+    "Client connections xgen ended: a request head over 64 KiB, a head or body that stopped arriving, "
+    "an answer the client did not take (server.client_timeout_s)",
+    ["reason"],
+    registry=REGISTRY,
+)
 QUEUE_SECONDS = Histogram(
     "xgen_queue_wait_seconds",
     "Time a /v1 request waited for a turn (max_concurrent)",
