@@ -57,7 +57,7 @@ class StateStore:
     active: str | None = None
     generation: str | None = None
     observed_generation: str | None = None
-    routed_generation: str | None = None  # the adopted spec whose plan is handed out: its routing is in place
+    routed: bool = False  # an adopted spec's plan was handed out: routing (the active model) is in place
     spec_error: list[str] | None = None  # problems of the file as it is now, if invalid
     last_plan: dict[str, Any] | None = None
     last_pass: dict[str, Any] | None = None

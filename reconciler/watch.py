@@ -246,7 +246,7 @@ class Reconciler:
         self.store.plan_errors = None
         ok = self._apply(p, shown)
         if spec is self.spec:
-            self.store.routed_generation = spec.generation
+            self.store.routed = True
         for name, estimate in observed.estimates.items():  # after apply: new models exist now
             self.store.update(name, estimated=dict(estimate))
         self._reset_failures(spec)

@@ -347,15 +347,14 @@ class Proxy:
 
     async def _admit(self, request: Request) -> Spec | Response:
         """The spec to route with, or the answer for a request that goes no further (no key, no
-        spec yet, a declared body over the limit). Just after start, until the file's first read
-        gives a spec (it may be settling: written a moment before), the request waits for it, as
-        it would for a load."""
+        spec yet, a declared body over the limit). Just after start, until the first plan is
+        handed out (the file may be settling: written a moment before), the request waits for
+        it, as it would for a load."""
         if (denied := self.check_key(request)) is not None:
             return denied
+        if not self._routed():  # starting: the first pass is on its way
+            await self.store.wait_until(self._routed, ServerSettings().load_wait_s)
         spec: Spec | None = self.get_spec()
-        if spec is None and self.store.spec_error is None:  # starting: the file's first pass is on its way
-            await self.store.wait_until(self._first_pass_done, ServerSettings().load_wait_s)
-            spec = self.get_spec()
         if spec is None:
             return openai_error(
                 503, "no valid models.yaml loaded yet", "service_unavailable", headers={"Retry-After": "5"}
@@ -364,15 +363,11 @@ class Proxy:
             return _too_large(spec.server.max_body_bytes)
         return spec
 
-    def _first_pass_done(self) -> bool:
-        """A spec was adopted and its plan handed out (the active model is set), its plan was
-        refused, or the file is invalid."""
-        spec = self.get_spec()
-        return (
-            self.store.spec_error is not None
-            or self.store.plan_errors is not None
-            or (spec is not None and self.store.routed_generation == spec.generation)
-        )
+    def _routed(self) -> bool:
+        """A plan was handed out (routing, the active model, is in place), or none will be soon:
+        the file is invalid, or its plan refused."""
+        store = self.store
+        return store.routed or store.spec_error is not None or store.plan_errors is not None
 
     async def _forward(self, request: Request) -> Response:
         endpoint = request.url.path.removeprefix("/v1/")
