@@ -560,8 +560,8 @@ class Supervisor:
 
     def _open_log(self, name: str) -> BinaryIO:
         path = self.state_dir / "logs" / f"{name}.log"
-        if path.exists() and path.stat().st_size > self.log_max_bytes:
-            path.replace(path.with_suffix(".log.1"))
+        if path.exists():  # in place: during a surge the old process still writes to it
+            rotate_in_place(path, self.log_max_bytes)
         handle = path.open("ab")
         handle.write(f"\n===== xgen: starting {name} at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
         handle.flush()
