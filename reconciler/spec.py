@@ -83,6 +83,13 @@ class ServerSettings(_Strict):
         "answer, for this long is disconnected (408 when no answer has begun); a backend stops generating for it.",
     )
     stop_grace_s: float = Field(30.0, ge=0, description="SIGTERM → SIGKILL grace period for backend processes.")
+    hung_after_s: float = Field(
+        60.0,
+        ge=0,
+        description="A loaded local backend whose engine answers nothing for this long (llama-server: /slots, "
+        "which its inference loop answers; others: their health endpoint) is hung: it is killed and restarted "
+        "with the backoff, like a crash. 0: never checked.",
+    )
     max_restarts: int | None = Field(
         None,
         ge=0,
@@ -150,6 +157,13 @@ class ServerSettings(_Strict):
             if not re.fullmatch(r"cpu|gpu|gpu\d+", device):
                 raise ValueError(f"found device '{device}', expected cpu, gpu (every GPU) or gpu0, gpu1 …")
             size_of(amount, 1)
+        return value
+
+    @field_validator("hung_after_s", mode="after")
+    @classmethod
+    def _hung_after(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError(f"found {value:g}, expected 0 (never checked) or at least 1 second")
         return value
 
     @field_validator("log_max_bytes", mode="after")

@@ -41,6 +41,7 @@ ROTATE_CHECK_S = 5.0  # how often running backends' logs are measured (a stat ea
 TAIL_LINES = 20
 LEFTOVER_GRACE_S = 5.0  # what a crashed backend's own children get before SIGKILL
 REMOTE_TIMEOUT_S = 10.0
+ALIVE_EVERY_S = 10.0  # how often a loaded process is asked whether it is alive (server.hung_after_s)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,8 @@ class Child:
     stop_signal: int = signal.SIGTERM  # the driver's: how a drained process is stopped
     stopping: bool = False
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    alive_url: str = ""  # the driver's: what the loaded process must answer
+    hung: str | None = None  # why it was killed as hung (reported as its exit)
 
 
 def _die_with_parent() -> None:
@@ -212,6 +215,7 @@ class Supervisor:
         self.remote_checks: dict[str, asyncio.Task[None]] = {}  # remote models: their periodic check
         self.remote_check_s = 10.0  # the reconciler sets it from the spec every pass
         self.log_max_bytes = 10 * 2**20  # likewise
+        self.hung_after_s = 60.0  # likewise
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         (state_dir / "pids").mkdir(parents=True, exist_ok=True)
         # no keep-alive: llama-server waits for open connections when it stops (122 ms with one)
@@ -414,7 +418,17 @@ class Supervisor:
             logfile.close()
         self.last_port[name] = port
         pidfile = self._write_pidfile(name, proc.pid, argv)
-        return Child(proc, argv, time.time(), port, launch_hash(argv, extra), pidfile, log_from, driver.stop_signal)
+        return Child(
+            proc,
+            argv,
+            time.time(),
+            port,
+            launch_hash(argv, extra),
+            pidfile,
+            log_from,
+            driver.stop_signal,
+            alive_url=driver.alive_url(port),
+        )
 
     async def _ready(self, key: str, child: Child, backend: str, model: ModelSpec) -> str | None:
         """Wait for readiness: None when ready, else why not (the process is stopped then, and
@@ -490,7 +504,11 @@ class Supervisor:
     # ------------------------------------------------ crash detection
 
     async def _watch(self, name: str, child: Child) -> None:
-        code = await child.proc.wait()
+        checks = asyncio.get_running_loop().create_task(self._check_alive(name, child))
+        try:
+            code = await child.proc.wait()
+        finally:
+            checks.cancel()
         if child.stopping or self.children.get(name) is not child:
             return
         self.children.pop(name, None)
@@ -499,10 +517,45 @@ class Supervisor:
         if child.pidfile is not None:
             child.pidfile.unlink(missing_ok=True)
         up = time.time() - child.started
-        self._to_error(
-            name, self._failures_after(name, up), f"process {exit_reason(code)} after {up:.0f} s", self.log_tail(name)
-        )
+        why = child.hung or f"process {exit_reason(code)} after {up:.0f} s"
+        self._to_error(name, self._failures_after(name, up), why, self.log_tail(name))
         self.on_exit()
+
+    async def _check_alive(self, name: str, child: Child) -> None:
+        """While the process runs: it is asked `alive_url` every ALIVE_EVERY_S (a third of
+        hung_after_s when that is shorter); any answer counts, whatever its status. Silent for
+        hung_after_s (a probe unanswered in its time is followed by the next at once, so a slow
+        batch that ends meanwhile is seen), it is hung: SIGKILL to its group (a hung process may
+        never act on SIGTERM, and there is nothing to drain), and _watch reports the exit as a
+        crash with the reason, restarted with the backoff."""
+        silent_since: float | None = None
+        while True:
+            limit = self.hung_after_s
+            every = min(ALIVE_EVERY_S, limit / 3) if limit else ALIVE_EVERY_S
+            if silent_since is None or not limit:
+                silent_since = None
+                await asyncio.sleep(every)
+                if not self.hung_after_s:
+                    continue
+            asked = time.monotonic()
+            try:
+                await self._http.get(child.alive_url, timeout=every)
+                silent_since = None
+                continue
+            except httpx.TimeoutException:
+                pass
+            except httpx.HTTPError:
+                await asyncio.sleep(min(1.0, every))  # refused at once: not a probe in flight
+            silent_since = silent_since or asked
+            silent = time.monotonic() - silent_since
+            if silent < limit or child.stopping:  # a process being stopped may stop answering first
+                continue
+            path = httpx.URL(child.alive_url).path
+            child.hung = f"hung: answered nothing on {path} for {silent:.0f} s (server.hung_after_s); killed"
+            log.warning("%s: pid %d %s", name, child.proc.pid, child.hung)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            return
 
     def _failures_after(self, name: str, up: float) -> int:
         """The failure count once a model that was up `up` seconds fails: a fresh first failure

@@ -222,6 +222,7 @@ class Reconciler:
         self.executor.supervisor.policy = RestartPolicy(spec.server.backoff_max_s, spec.server.backoff_reset_s)
         self.executor.supervisor.remote_check_s = spec.server.remote_check_s
         self.executor.supervisor.log_max_bytes = size_of(spec.server.log_max_bytes, 0)
+        self.executor.supervisor.hung_after_s = spec.server.hung_after_s
         if spec is self.spec:
             self._forget_abandoned_updates(spec)
         observed = await asyncio.to_thread(self.observe, spec)

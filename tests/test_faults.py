@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,48 @@ def test_ten_kills_in_a_row_crash_loop_then_recover(daemon: Daemon) -> None:
     status = daemon.until(lambda s: not s["crash_looping"], 15, "the failure count to reset")
     assert status["loaded_models"][0]["failures"] == 0
     assert chat(daemon).status_code == 200
+
+
+HUNG = "server: {{port: {PORT}, port_range: [{LOW}, {HIGH}], hung_after_s: 3}}\n" + ONE_MODEL
+
+
+def test_a_hung_backend_is_killed_and_restarted(daemon: Daemon) -> None:
+    """A process that stops answering without exiting (SIGSTOP: neither /health nor /slots
+    answers) is killed after hung_after_s and restarted like a crash; a request sent to it is
+    ended, not left waiting."""
+    daemon.launch(HUNG, header=False)
+    pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    os.kill(pid, signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(chat, daemon)
+        status = daemon.until(
+            lambda s: (m := s["loaded_models"]) and m[0]["state"] == "LOADED" and m[0]["pid"] != pid, 30, "the restart"
+        )
+        assert stuck.result(timeout=10).status_code == 502  # the backend broke off: it was killed under it
+    assert not pid_alive(pid)
+    error = next(e for e in reversed(state_events(daemon, "smollm2")) if e["to"] == "ERROR")
+    assert error["reason"].startswith("hung: answered nothing on /slots for 3 s (server.hung_after_s); killed")
+    assert status["loaded_models"][0]["restarts"] == 1
+    assert f"pid {pid} hung: answered nothing on /slots" in daemon.log()
+    assert chat(daemon).status_code == 200
+
+
+def test_a_busy_or_briefly_frozen_backend_is_not_taken_for_hung(daemon: Daemon) -> None:
+    """Generating for many clients at once, the engine still answers between batches; a pause
+    shorter than hung_after_s is no hang."""
+    daemon.launch(HUNG, header=False)
+    pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    body = {"messages": [{"role": "user", "content": "Tell me a story about a lighthouse. " * 12}], "max_tokens": 64}
+    with ThreadPoolExecutor(12) as pool:
+        answers = [pool.submit(daemon.http.post, "/v1/chat/completions", json=body) for _ in range(12)]
+        time.sleep(1)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.5)
+        os.kill(pid, signal.SIGCONT)
+        assert all(a.result(timeout=120).status_code == 200 for a in answers)
+    time.sleep(4)  # past hung_after_s, idle
+    assert daemon.model("smollm2")["pid"] == pid  # type: ignore[index]
+    assert [e["to"] for e in state_events(daemon, "smollm2")] == ["LOADING", "LOADED"]
 
 
 def test_unload_drains_a_stream_in_flight(daemon: Daemon) -> None:

@@ -250,3 +250,11 @@ def test_log_max_bytes_is_a_size_of_at_least_64_kib() -> None:
         "(a log that small keeps almost nothing)"
     ]
     assert "expected a size such as 10MiB" in problems("server: {log_max_bytes: 50%}\nmodels: {}\n")[0]
+
+
+def test_hung_after_s_is_0_or_at_least_a_second() -> None:
+    assert parse("models: {}\n", "m.yaml", {}).server.hung_after_s == 60
+    assert parse("server: {hung_after_s: 0}\nmodels: {}\n", "m.yaml", {}).server.hung_after_s == 0
+    assert problems("server: {hung_after_s: 0.2}\nmodels: {}\n") == [
+        "m.yaml:1:10: server.hung_after_s: found 0.2, expected 0 (never checked) or at least 1 second"
+    ]

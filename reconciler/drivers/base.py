@@ -29,6 +29,11 @@ class Driver(Protocol):
 
     def health_url(self, port: int) -> str: ...
 
+    def alive_url(self, port: int) -> str:
+        """What a loaded process must answer to count as alive: a path its inference engine
+        serves, where the backend has one (a health endpoint may answer while the engine is stuck)."""
+        ...
+
     def progress(self, line: str) -> float | None:
         """How far a load is (0-1) when the backend writes `line` to its log, if the line says."""
         ...

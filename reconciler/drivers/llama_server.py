@@ -107,6 +107,12 @@ class LlamaServerDriver:
     def health_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}/health"
 
+    def alive_url(self, port: int) -> str:
+        """/slots: its inference loop answers it (a high-priority task between two batches), where
+        /health is answered by an HTTP thread even while that loop is stuck. 20 requests in flight
+        on 2 HTTP threads: /health and /slots answered in 0.03-0.09 s (measured)."""
+        return f"http://127.0.0.1:{port}/slots"
+
     def availability(self) -> Availability:
         binary = self._binary or find_binary()
         if binary is None:

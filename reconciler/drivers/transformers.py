@@ -60,6 +60,9 @@ class TransformersDriver:
     def health_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}/health"
 
+    def alive_url(self, port: int) -> str:
+        return self.health_url(port)
+
     def availability(self) -> Availability:
         missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
         if missing:

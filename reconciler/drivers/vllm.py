@@ -83,6 +83,9 @@ class VllmDriver:
     def health_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}/health"
 
+    def alive_url(self, port: int) -> str:
+        return self.health_url(port)
+
     def availability(self) -> Availability:
         python = self.python()
         probe = (
