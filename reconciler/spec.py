@@ -350,6 +350,12 @@ class ModelSpec(_Strict):
     def format(self) -> Literal["gguf", "hf"]:
         return "gguf" if self.path and self.path.lower().endswith(".gguf") else "hf"
 
+    @property  # not cached: model_copy would carry a cached value over to a copy with other rules
+    def as_sent(self) -> bool:
+        """A request naming this model by its own name goes to it as the client sent it: no
+        parameter rules, adapters or remote name change its body (the proxy's fast path)."""
+        return self.params.empty and not self.lora and self.remote_model is None
+
 
 class Spec(_Strict):
     """The whole file, validated."""

@@ -31,10 +31,9 @@ SCHEMA = {
 def test_requests_tokens_and_median_land_in_their_bucket() -> None:
     a = Activity()
     now = 1_000_000.0
-    for seconds in (0.02, 0.02, 0.3):  # two fast, one slow: the median is a fast one
-        a.request("m", seconds, now)
-    a.tokens("m", 50, now)
-    a.request("m", 1.0, now - BUCKET_S)  # the bucket before
+    for seconds, tokens in ((0.02, 20), (0.02, 0), (0.3, 30)):  # two fast, one slow: the median is a fast one
+        a.request("m", seconds, tokens, now)
+    a.request("m", 1.0, 0, now - BUCKET_S)  # the bucket before
     shown = a.to_json(now)
     jsonschema.validate(shown, SCHEMA)
     series = shown["models"]["m"]
@@ -46,11 +45,11 @@ def test_requests_tokens_and_median_land_in_their_bucket() -> None:
 
 def test_old_buckets_are_reused_and_forgotten_models_dropped() -> None:
     a = Activity()
-    a.request("m", 0.1, 0.0)
+    a.request("m", 0.1, 0, 0.0)
     later = BUCKETS * BUCKET_S + 1.0  # the same ring slot, ten minutes on
-    a.request("m", 0.1, later)
+    a.request("m", 0.1, 0, later)
     assert sum(a.to_json(later)["models"]["m"]["requests_per_s"]) == 1 / BUCKET_S  # the old count is gone
-    a.request("gone", 0.1, later)
+    a.request("gone", 0.1, 0, later)
     a.forget({"m"})
     assert set(a.to_json(later)["models"]) == {"m"}
     assert len(a.models["m"]) == BUCKETS  # bounded, however long it runs

@@ -179,3 +179,14 @@ def test_a_raised_limit_lets_waiting_requests_in() -> None:
         assert gate.running == 3
 
     asyncio.run(main())
+
+
+def test_only_a_model_without_rules_takes_requests_as_sent(tiny_gguf: Any) -> None:
+    """`as_sent`: the proxy's fast path sends the client's bytes unchanged only where no rule,
+    adapter or remote name would change them (route() and _rewrite() decide the rest)."""
+    plain = ModelSpec(path=str(tiny_gguf))
+    assert plain.as_sent
+    assert not plain.model_copy(update={"params": ParamRules(set={"temperature": 0.2})}).as_sent
+    assert not ModelSpec(path=str(tiny_gguf), lora=[{"name": "tilt", "path": str(tiny_gguf)}]).as_sent
+    spec = parse("models:\n  far: {backend: remote, url: http://h/v1, remote_model: gpt}\n")
+    assert not spec.models["far"].as_sent

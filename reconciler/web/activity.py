@@ -41,13 +41,12 @@ class Activity:
             bucket.latency = [0] * (len(EDGES) + 1)
         return bucket
 
-    def request(self, model: str, seconds: float, now: float) -> None:
+    def request(self, model: str, seconds: float, tokens: int, now: float) -> None:
+        """An answered request: its latency and the tokens it generated."""
         bucket = self._bucket(model, now)
         bucket.requests += 1
+        bucket.tokens += tokens
         bucket.latency[bisect.bisect_left(EDGES, seconds)] += 1
-
-    def tokens(self, model: str, count: int, now: float) -> None:
-        self._bucket(model, now).tokens += count
 
     def forget(self, keep: set[str]) -> None:
         """Drop the series of models no longer in the spec."""

@@ -45,6 +45,7 @@ from reconciler.web.proxy import (
     ROUTED,
     Direct,
     Proxy,
+    answer_tokens,
     anthropic_error,
     not_answered,
     openai_error,
@@ -370,6 +371,7 @@ class Exchange:
         self.body_out: list[bytes] | None = None  # a direct non-SSE answer, held to count its tokens
         self.out_headers: list[tuple[bytes, bytes]] = []
         self.usage = b""
+        self.tokens = 0  # generated, from the answer's usage
         self.pending: list[bytes] = []  # relayed pieces of the answer not yet written
         self.done = False
         self.t0 = time.perf_counter()
@@ -599,7 +601,7 @@ class Exchange:
             self._error(explained)
             return
         self._write_head(self.out_headers, b"%d" % len(content), body=content)
-        self.client.front.proxy.count_answer(info.name, self.endpoint, self.status, content)
+        self.tokens = answer_tokens(info.name, self.endpoint, self.status, content)
 
     def _error(self, response: Any) -> None:
         """xgen's own error answer (a Starlette JSONResponse), in Anthropic's shape on /v1/messages;
@@ -620,10 +622,11 @@ class Exchange:
         self.conn = None
         if self.direct is not None:
             info = self.direct.info
-            proxy = self.client.front.proxy
-            proxy.done(info.name, info.port or 0, status or str(self.status), self.t0, self.direct.gate)
             if self.sse:
-                proxy.count_stream(info.name, self.usage)
+                self.tokens = metrics.count_stream_tokens(info.name, self.usage)
+            self.client.front.proxy.done(
+                info.name, info.port or 0, status or str(self.status), self.t0, self.direct.gate, self.tokens
+            )
         self.client.finished(self)
 
 

@@ -298,13 +298,17 @@ class Proxy:
             doc = JsonBody(body)
         except ValueError:
             return None
-        if doc.model is not None and not isinstance(doc.model, str):
+        name = doc.model
+        if name is not None and not isinstance(name, str):
             return None
-        decision = route(spec, doc.model, endpoint, self.store.active, self.store.models)
-        if isinstance(decision, str):
-            return None
-        model = spec.models[decision.model]
-        info = self.store.models.get(decision.model)
+        model = spec.models.get(name) if name else None
+        decision: Route | None = None  # named by its own name, no rules: the client's bytes go as they are
+        if model is None or not model.as_sent:
+            routed = route(spec, name, endpoint, self.store.active, self.store.models)
+            if isinstance(routed, str):
+                return None
+            decision, name, model = routed, routed.model, spec.models[routed.model]
+        info = self.store.models.get(name)
         if (
             info is None
             or info.state is not ModelState.LOADED
@@ -313,13 +317,16 @@ class Proxy:
             or wrong_kind(model.server_type, endpoint) is not None
         ):
             return None
-        try:
-            payload = _rewrite(doc, decision, model, info)
-        except ValueError:
-            return None
+        if decision is None and not info.spec.lora:  # adapters the running process has: selected per request
+            payload = body
+        else:
+            try:
+                payload = _rewrite(doc, decision or Route(name, name), model, info)
+            except ValueError:
+                return None
         gate = None
         if model.max_concurrent is not None:
-            gate = self.gate(decision.model)
+            gate = self.gate(name)
             if not gate.try_enter(model.max_concurrent):
                 return None  # the app queues it
         return Direct(info, payload, gate)
@@ -674,11 +681,10 @@ class Proxy:
             self.done(name, port, "502", t0, gate)
             return not_answered(info, exc, began=True)
         resp.release()
-        self.done(name, port, str(resp.status), t0, gate)
-        if upstream is None and (explained := unsupported(info, path, resp.status, content)) is not None:
-            return explained
-        self.count_answer(name, endpoint, resp.status, content)
-        return Response(content, status_code=resp.status, headers=out_headers)
+        explained = unsupported(info, path, resp.status, content) if upstream is None else None
+        tokens = answer_tokens(name, endpoint, resp.status, content) if explained is None else 0
+        self.done(name, port, str(resp.status), t0, gate, tokens)
+        return explained or Response(content, status_code=resp.status, headers=out_headers)
 
     async def _stream(
         self, resp: aiohttp.ClientResponse, name: str, port: int, t0: float, gate: Gate | None
@@ -697,19 +703,10 @@ class Proxy:
                 resp.release()
             else:
                 resp.close()
-            self.done(name, port, str(resp.status), t0, gate)
-            self.count_stream(name, usage)
+            self.done(name, port, str(resp.status), t0, gate, metrics.count_stream_tokens(name, usage))
 
-    def count_answer(self, name: str, endpoint: str, status: int, content: bytes) -> None:
-        """The tokens of a non-streamed answer, for the metrics and the page's sparklines."""
-        if status == 200 and endpoint != "embeddings":
-            self.activity.tokens(name, metrics.count_tokens(name, content), time.time())
-
-    def count_stream(self, name: str, usage: bytes) -> None:
-        """The tokens of a stream, from a copy of the chunk that carried its usage."""
-        self.activity.tokens(name, metrics.count_stream_tokens(name, usage), time.time())
-
-    def done(self, name: str, port: int, status: str, t0: float, gate: Gate | None = None) -> None:
+    def done(self, name: str, port: int, status: str, t0: float, gate: Gate | None = None, tokens: int = 0) -> None:
+        """A request that begin() counted is answered (`tokens`: generated, for the sparklines)."""
         if gate is not None:
             gate.leave()
         self.store.touch(name)
@@ -718,7 +715,12 @@ class Proxy:
         self.inflight[port] -= 1
         seconds = time.perf_counter() - t0
         metrics.STATS.done(name, status, seconds)
-        self.activity.request(name, seconds, time.time())
+        self.activity.request(name, seconds, tokens, time.time())
+
+
+def answer_tokens(name: str, endpoint: str, status: int, content: bytes) -> int:
+    """The tokens a non-streamed answer generated (counted in the metrics), 0 when it says none."""
+    return metrics.count_tokens(name, content) if status == 200 and endpoint != "embeddings" else 0
 
 
 def unsupported(info: ModelInfo, path: str, status: int, content: bytes) -> JSONResponse | None:
