@@ -87,8 +87,8 @@ class ServerSettings(_Strict):
         60.0,
         ge=0,
         description="A loaded local backend whose engine answers nothing for this long (llama-server: /slots, "
-        "which its inference loop answers; others: their health endpoint) is hung: it is killed and restarted "
-        "with the backoff, like a crash. 0: never checked.",
+        "which its inference loop answers; others: their health endpoint) while it uses almost no CPU is hung: "
+        "it is killed and restarted with the backoff, like a crash. 0: never checked.",
     )
     max_restarts: int | None = Field(
         None,

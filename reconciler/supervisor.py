@@ -42,6 +42,7 @@ TAIL_LINES = 20
 LEFTOVER_GRACE_S = 5.0  # what a crashed backend's own children get before SIGKILL
 REMOTE_TIMEOUT_S = 10.0
 ALIVE_EVERY_S = 10.0  # how often a loaded process is asked whether it is alive (server.hung_after_s)
+IDLE_CPU_SHARE = 0.1  # a silent process using less of a core than this is stuck, not computing
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,14 @@ def with_cause(why: str, tail: tuple[str, ...]) -> str:
         if any(word in text.lower() for word in _CAUSE_WORDS):
             return f"{why}: {text[:300]}"
     return why
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds a process and its children have used so far (0 once it is gone)."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+    return 0.0
 
 
 def tree_rss(pids: list[int]) -> dict[int, int]:
@@ -523,36 +532,61 @@ class Supervisor:
 
     async def _check_alive(self, name: str, child: Child) -> None:
         """While the process runs: it is asked `alive_url` every ALIVE_EVERY_S (a third of
-        hung_after_s when that is shorter); any answer counts, whatever its status. Silent for
-        hung_after_s (a probe unanswered in its time is followed by the next at once, so a slow
-        batch that ends meanwhile is seen), it is hung: SIGKILL to its group (a hung process may
-        never act on SIGTERM, and there is nothing to drain), and _watch reports the exit as a
-        crash with the reason, restarted with the backoff."""
+        hung_after_s when that is shorter); any answer counts, whatever its status, and an answer
+        is waited for until hung_after_s has passed since the first unanswered question (a pause
+        that ends within it is no hang). Silent that long, it is hung only if it also used almost
+        no CPU meanwhile: a stopped, deadlocked or blocked process; one that computes (a batch
+        longer than the limit: a long prompt for a big model on CPU) is left alone and asked
+        again. A hung one gets SIGKILL to its group (it may never act on SIGTERM, and there is
+        nothing to drain), and _watch reports the exit as a crash with the reason."""
         silent_since: float | None = None
+        cpu_since = 0.0
         while True:
+            if silent_since is None:
+                limit = self.hung_after_s
+                await asyncio.sleep(min(ALIVE_EVERY_S, limit / 3) if limit else ALIVE_EVERY_S)
             limit = self.hung_after_s
-            every = min(ALIVE_EVERY_S, limit / 3) if limit else ALIVE_EVERY_S
-            if silent_since is None or not limit:
+            if not limit:
                 silent_since = None
-                await asyncio.sleep(every)
-                if not self.hung_after_s:
-                    continue
+                continue
             asked = time.monotonic()
+            if silent_since is None:
+                cpu_since = tree_cpu_s(child.proc.pid)
+            since = silent_since or asked
             try:
-                await self._http.get(child.alive_url, timeout=every)
+                await self._http.get(child.alive_url, timeout=max(0.1, since + limit - asked))
                 silent_since = None
                 continue
             except httpx.TimeoutException:
                 pass
             except httpx.HTTPError:
-                await asyncio.sleep(min(1.0, every))  # refused at once: not a probe in flight
-            silent_since = silent_since or asked
-            silent = time.monotonic() - silent_since
+                await asyncio.sleep(1.0)  # refused at once: asked again in a second
+            silent_since = since
+            silent = time.monotonic() - since
             if silent < limit or child.stopping:  # a process being stopped may stop answering first
                 continue
             path = httpx.URL(child.alive_url).path
-            child.hung = f"hung: answered nothing on {path} for {silent:.0f} s (server.hung_after_s); killed"
+            used = tree_cpu_s(child.proc.pid) - cpu_since
+            if used >= IDLE_CPU_SHARE * silent:
+                log.info(
+                    "%s: pid %d answered nothing on %s for %.0f s but computed (%.1f CPU s): not hung; raise "
+                    "server.hung_after_s if its batches take this long",
+                    name,
+                    child.proc.pid,
+                    path,
+                    silent,
+                    used,
+                )
+                silent_since = None
+                continue
+            child.hung = (
+                f"hung: answered nothing on {path} for {silent:.0f} s and used {used:.1f} CPU s "
+                "(server.hung_after_s); killed"
+            )
             log.warning("%s: pid %d %s", name, child.proc.pid, child.hung)
+            self.store.publish(
+                "hung", {"model": name, "pid": child.proc.pid, "silent_s": round(silent, 1), "asked": path}
+            )
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.proc.pid, signal.SIGKILL)
             return

@@ -159,15 +159,20 @@ def test_a_hung_backend_is_killed_and_restarted(daemon: Daemon) -> None:
         assert stuck.result(timeout=10).status_code == 502  # the backend broke off: it was killed under it
     assert not pid_alive(pid)
     error = next(e for e in reversed(state_events(daemon, "smollm2")) if e["to"] == "ERROR")
-    assert error["reason"].startswith("hung: answered nothing on /slots for 3 s (server.hung_after_s); killed")
+    assert error["reason"].startswith("hung: answered nothing on /slots for 3 s and used 0.0 CPU s")
+    assert error["reason"].endswith("(server.hung_after_s); killed")
     assert status["loaded_models"][0]["restarts"] == 1
     assert f"pid {pid} hung: answered nothing on /slots" in daemon.log()
+    hung = [e["data"] for e in daemon.events() if e["kind"] == "hung"]
+    assert [(e["model"], e["pid"], e["asked"]) for e in hung] == [("smollm2", pid, "/slots")]
+    assert 'xgen_model_hangs_total{model="smollm2"} 1.0' in daemon.http.get("/metrics").text
     assert chat(daemon).status_code == 200
 
 
 def test_a_busy_or_briefly_frozen_backend_is_not_taken_for_hung(daemon: Daemon) -> None:
-    """Generating for many clients at once, the engine still answers between batches; a pause
-    shorter than hung_after_s is no hang."""
+    """Generating for many clients at once, a pause shorter than hung_after_s is no hang, even
+    where the batch it interrupted then keeps the engine from answering past the limit: a
+    process that computes is not hung."""
     daemon.launch(HUNG, header=False)
     pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
     body = {"messages": [{"role": "user", "content": "Tell me a story about a lighthouse. " * 12}], "max_tokens": 64}
@@ -177,7 +182,8 @@ def test_a_busy_or_briefly_frozen_backend_is_not_taken_for_hung(daemon: Daemon) 
         os.kill(pid, signal.SIGSTOP)
         time.sleep(1.5)
         os.kill(pid, signal.SIGCONT)
-        assert all(a.result(timeout=120).status_code == 200 for a in answers)
+        statuses = [a.result(timeout=120) for a in answers]
+    assert all(r.status_code == 200 for r in statuses), ([r.text[:300] for r in statuses], daemon.log()[-3000:])
     time.sleep(4)  # past hung_after_s, idle
     assert daemon.model("smollm2")["pid"] == pid  # type: ignore[index]
     assert [e["to"] for e in state_events(daemon, "smollm2")] == ["LOADING", "LOADED"]

@@ -109,8 +109,9 @@ class LlamaServerDriver:
 
     def alive_url(self, port: int) -> str:
         """/slots: its inference loop answers it (a high-priority task between two batches), where
-        /health is answered by an HTTP thread even while that loop is stuck. 20 requests in flight
-        on 2 HTTP threads: /health and /slots answered in 0.03-0.09 s (measured)."""
+        /health is answered by an HTTP thread even while that loop is stuck. It waits for the batch
+        in progress: 0.03-0.09 s with 20 requests in flight on 2 HTTP threads, over 3 s with 12 on
+        2 busy cores (measured), hence the supervisor's look at the CPU before it calls it hung."""
         return f"http://127.0.0.1:{port}/slots"
 
     def availability(self) -> Availability:

@@ -31,6 +31,12 @@ REPLACEMENTS = Counter(
     ["model", "strategy", "outcome"],
     registry=REGISTRY,
 )
+HANGS = Counter(
+    "xgen_model_hangs_total",
+    "Backends killed because they answered nothing (server.hung_after_s)",
+    ["model"],
+    registry=REGISTRY,
+)
 PASS_ERRORS = Counter("xgen_pass_errors_total", "Reconcile passes that failed unexpectedly", registry=REGISTRY)
 TRANSITIONS = Counter("xgen_model_transitions_total", "State transitions", ["model", "to"], registry=REGISTRY)
 LOAD_SECONDS = Histogram(
@@ -158,6 +164,8 @@ def observe_event(kind: str, data: dict[str, object]) -> None:
         LOADS.labels(str(data["model"]), str(data["cause"])).inc()
     if kind == "unload":
         UNLOADS.labels(str(data["model"]), str(data["cause"])).inc()
+    if kind == "hung":
+        HANGS.labels(str(data["model"])).inc()
     if kind == "replaced":
         REPLACEMENTS.labels(str(data["model"]), str(data["strategy"]), "ok" if data["ok"] else "failed").inc()
     if kind != "state":
