@@ -283,6 +283,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for m in status["loaded_models"]:
         if len(_error(m)) > 50:
             print(f"{m['name']}: {_error(m)}")
+        elif m["state"] == "LOADED" and (failure := m.get("last_failure")):
+            print(f"{m['name']}: serving again; last failed {now - failure['at']:.0f}s ago: {failure['reason']}")
         od = on_demand.get(m["name"])
         if od is not None:
             idle = f", idle unload in {od['idle_unload_in_s']:.0f}s" if od.get("idle_unload_in_s") is not None else ""

@@ -79,6 +79,7 @@ class ModelInfo:
     failed_update: FailedUpdate | None = None  # the last replacement failed; the old version serves
     progress: float = 0.0  # how far a load is (0-1), from the backend's own output
     argv: tuple[str, ...] = ()  # the running process's command line
+    last_failure: tuple[float, str] | None = None  # (when, why): kept after it recovers
 
     @property
     def endpoint(self) -> str | None:
@@ -118,6 +119,7 @@ class ModelInfo:
             "crash_looping": self.crash_looping,
             "retry_at": self.retry_at,
             "error_message": self.error_message,
+            "last_failure": {"at": self.last_failure[0], "reason": self.last_failure[1]} if self.last_failure else None,
             "progress": self.progress if self.state is ModelState.LOADING else None,
             "log_tail": list(self.log_tail),
             "launch": shown_argv(self.argv),

@@ -500,6 +500,7 @@ class Supervisor:
             ModelState.ERROR,
             why,
             error_message=why,
+            last_failure=(time.time(), why),
             log_tail=tail,
             failures=failures,
             retry_at=time.time() + self.policy.backoff_s(failures),

@@ -162,6 +162,10 @@ def test_a_hung_backend_is_killed_and_restarted(daemon: Daemon) -> None:
     assert error["reason"].startswith("hung: answered nothing on /slots for 3 s and used 0.0 CPU s")
     assert error["reason"].endswith("(server.hung_after_s); killed")
     assert status["loaded_models"][0]["restarts"] == 1
+    assert status["loaded_models"][0]["last_failure"]["reason"] == error["reason"]  # kept once it serves again
+    cli = subprocess.run([sys.executable, "-m", "reconciler.cli", "status", "--daemon", daemon.url],
+                         capture_output=True, text=True, timeout=30)
+    assert "smollm2: serving again; last failed" in cli.stdout and "hung: answered nothing" in cli.stdout
     assert f"pid {pid} hung: answered nothing on /slots" in daemon.log()
     hung = [e["data"] for e in daemon.events() if e["kind"] == "hung"]
     assert [(e["model"], e["pid"], e["asked"]) for e in hung] == [("smollm2", pid, "/slots")]
