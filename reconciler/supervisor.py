@@ -72,10 +72,11 @@ def with_cause(why: str, tail: tuple[str, ...]) -> str:
 
 
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds a process and its children have used so far (0 once it is gone)."""
+    """CPU seconds a process and its descendants have used so far, those that ended included (a
+    reaped process's times are in its parent's children_* times), so the count never goes back."""
     with contextlib.suppress(psutil.Error):
         proc = psutil.Process(pid)
-        return sum(sum(p.cpu_times()[:2]) for p in [proc, *proc.children(recursive=True)])
+        return sum(sum(p.cpu_times()[:4]) for p in [proc, *proc.children(recursive=True)])
     return 0.0
 
 
