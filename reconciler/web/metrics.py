@@ -131,6 +131,10 @@ class RequestStats:
         counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         counts[-1] += seconds
 
+    def add_tokens(self, model: str, kind: str, count: int) -> None:
+        key = (model, kind)
+        self.tokens[key] = self.tokens.get(key, 0) + count
+
     def collect(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily("xgen_proxy_inflight_requests", "/v1 requests in flight", labels=["model"])
         for model, count in list(self.inflight.items()):
@@ -234,12 +238,11 @@ def count_tokens(model: str, body: bytes) -> int:
         return 0
     prompt = usage.prompt_tokens if isinstance(usage.prompt_tokens, int) else usage.input_tokens
     generated = usage.completion_tokens if isinstance(usage.completion_tokens, int) else usage.output_tokens
-    tokens = STATS.tokens
     if isinstance(prompt, int) and prompt > 0:
-        tokens[model, "prompt"] = tokens.get((model, "prompt"), 0) + prompt
+        STATS.add_tokens(model, "prompt", prompt)
     if not isinstance(generated, int) or generated <= 0:
         return 0
-    tokens[model, "completion"] = tokens.get((model, "completion"), 0) + generated
+    STATS.add_tokens(model, "completion", generated)
     return generated
 
 
