@@ -103,7 +103,7 @@ def _observed(spec: specmod.Spec, url: str | None, file: str) -> tuple[Observed,
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """The file's own rules, and unless --no-host-checks the same checks of this host the daemon
-    makes before acting (model files, GPUs that exist, memory that fits, ports)."""
+    makes before acting (model files and programs, GPUs that exist, memory that fits, ports)."""
     status = 0
     for path in args.files:
         spec = _load_or_report(path, host_checks=not args.no_host_checks)
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-host-checks",
         action="store_true",
-        help="skip checks that need this host (model files, GPUs, memory), e.g. on an Ansible controller",
+        help="skip checks that need this host (model files, programs, GPUs, memory), e.g. on an Ansible controller",
     )
     p.set_defaults(func=cmd_validate)
 

@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 SPEC_VERSION = 1
 # Bounds on what one save may cost the daemon: a models.yaml of hundreds of models is ~100 KB.
@@ -56,6 +57,12 @@ MANAGED_FLAGS: dict[str, str] = {
     "--tensor-parallel-size": "vllm.tensor_parallel_size",
     "--max-model-len": "n_ctx",
     "--gpu-memory-utilization": "vllm.gpu_memory_utilization",
+}
+# Variables xgen sets itself from spec fields; in `env` they would silently fight the spec.
+MANAGED_ENV: dict[str, str] = {
+    "CUDA_VISIBLE_DEVICES": "gpu_index",
+    "HIP_VISIBLE_DEVICES": "gpu_index",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "lora",
 }
 
 
@@ -193,6 +200,11 @@ class ServerSettings(_Strict):
 class LlamaOptions(_Strict):
     """llama.cpp `llama-server` settings."""
 
+    binary: str | None = Field(
+        None,
+        description="The llama-server executable for this model (another build or fork); default: "
+        "$XGEN_LLAMA_SERVER, else llama-server on PATH, else the one `xgen install` built.",
+    )
     threads: int | None = Field(None, ge=1, description="-t: CPU threads for generation.")
     threads_batch: int | None = Field(None, ge=1, description="-tb: CPU threads for prompt processing.")
     batch_size: int | None = Field(None, ge=1, description="-b: logical batch size.")
@@ -261,6 +273,17 @@ def _check_gpu_index(value: Any) -> Any:
     return value
 
 
+def _env_value(value: Any) -> Any:
+    """Numbers as YAML read them (`GGML_CUDA_ENABLE_UNIFIED_MEMORY: 1`); true and false are
+    refused, since one backend wants 1, another true or TRUE."""
+    if isinstance(value, bool):
+        raise ValueError(f"found {value}, expected a string: quote it ('1', 'true') as the backend wants it")
+    return str(value) if isinstance(value, int | float) else value
+
+
+EnvValue = Annotated[str, BeforeValidator(_env_value, json_schema_input_type=str | int | float)]
+
+
 class ModelSpec(_Strict):
     """One model: what to serve, with which backend, where."""
 
@@ -301,6 +324,11 @@ class ModelSpec(_Strict):
     transformers: TransformersOptions = Field(default_factory=TransformersOptions)
     lora: list[LoraAdapter] = Field(default_factory=list)
     extra_args: list[str] = Field(default_factory=list, description="More backend flags (not ones xgen manages).")
+    env: dict[str, EnvValue] = Field(
+        default_factory=dict,
+        description="Variables set in the backend process's environment, over the daemon's (not ones xgen "
+        "manages). Shown in plan and status: a secret belongs in the daemon's environment.",
+    )
     max_concurrent: int | None = Field(
         None, ge=1, description="Requests sent to this model at once (null: no limit); more wait in its queue."
     )
@@ -783,6 +811,13 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
                 reader.problem(
                     (*at, "extra_args", i), f"'{flag}' is managed by xgen: set {MANAGED_FLAGS[flag]} instead"
                 )
+        for variable in model.env:
+            if variable in MANAGED_ENV:
+                reader.problem(
+                    (*at, "env", variable), f"'{variable}' is managed by xgen: set {MANAGED_ENV[variable]} instead"
+                )
+            elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+                reader.problem((*at, "env", variable), f"'{variable}' is not a variable name (letters, digits and _)")
         if model.replace == "surge" and model.port is not None:
             reader.problem((*at, "replace"), "surge needs a second port while both run: drop the fixed `port`")
         tp = model.vllm.tensor_parallel_size
@@ -868,6 +903,8 @@ def remote_problems(model: ModelSpec) -> list[tuple[str, str]]:
         return [("desired", "a remote model is not loaded by xgen: use desired: loaded (routed) or unloaded")]
     if model.gpu_index is not None:
         return [("gpu_index", "a remote model runs elsewhere: remove gpu_index")]
+    if model.env:
+        return [("env", "a remote model runs elsewhere: xgen starts no process to give variables to")]
     return []
 
 
@@ -932,6 +969,7 @@ def _resolve_paths(spec: Spec, base: Path, reader: _Reader) -> Spec:
     """Paths made absolute and checked on this host; problems go to `reader`."""
     models: dict[str, ModelSpec] = {}
     for name, model in spec.models.items():
+        model = _resolve_programs(name, model, base, reader)
         if model.path is None:
             models[name] = model
             continue
@@ -946,6 +984,35 @@ def _resolve_paths(spec: Spec, base: Path, reader: _Reader) -> Spec:
             if not _resolve_plain(Path(adapter.path).expanduser(), base).exists():
                 reader.problem(("models", name, "lora", i, "path"), f"adapter not found: {adapter.path}")
     return spec.model_copy(update={"models": models})
+
+
+def _resolve_programs(name: str, model: ModelSpec, base: Path, reader: _Reader) -> ModelSpec:
+    """`llama.binary` and `vllm.python` made absolute and checked: a wrong one is said here, with
+    its line, not when the backend fails to start."""
+    update: dict[str, Any] = {}
+    for block, key in (("llama", "binary"), ("vllm", "python")):
+        options = getattr(model, block)
+        if (value := getattr(options, key)) is None:
+            continue
+        program, problem = _executable(value, base)
+        if problem:
+            reader.problem(("models", name, block, key), problem)
+        update[block] = options.model_copy(update={key: program})
+    return model.model_copy(update=update) if update else model
+
+
+def _executable(value: str, base: Path) -> tuple[str, str | None]:
+    """A program named in the file (a path, relative to the file's directory, or a name on PATH):
+    its absolute path, and what is wrong with it if anything."""
+    if "/" not in value and not value.startswith("~"):
+        found = shutil.which(value)
+        return (found, None) if found else (value, f"'{value}' is not on PATH: give its full path")
+    full = _resolve_plain(Path(value).expanduser(), base)
+    if not full.is_file():
+        return str(full), f"not found: {full} (relative paths start at the directory of this file)"
+    if not os.access(full, os.X_OK):
+        return str(full), f"{full} is not executable (chmod +x)"
+    return str(full), None
 
 
 def _resolve_plain(path: Path, base: Path) -> Path:

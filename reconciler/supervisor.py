@@ -416,7 +416,7 @@ class Supervisor:
         except FileNotFoundError as exc:
             self.ports.release(key)
             return str(exc)
-        extra = driver.environment(model)
+        extra = {**driver.environment(model), **model.env}  # the spec refuses the ones the driver must set
         logfile = self._open_log(name)
         log_from = logfile.tell()
         try:

@@ -42,6 +42,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (d / name).write_bytes(b"GGUF")
     (d / "Llama-3.1-8B-Instruct").mkdir()
     (d / "Llama-3.1-8B-Instruct" / "config.json").write_text("{}")
+    (d / "vllm" / "bin").mkdir(parents=True)
+    (d / "vllm" / "bin" / "python").symlink_to(sys.executable)  # the programs a model names are checked too
     return d
 
 
@@ -53,6 +55,7 @@ class Run:
             "xgen_prefix": str(root / "opt"), "xgen_config_dir": str(root / "etc"),
             "xgen_state_dir": str(root / "state"), "xgen_create_user": False, "xgen_manage_systemd": False,
             "xgen_models_dir": str(models_dir), "xgen_package": "xgen==0.1.0",
+            "vllm_python": str(models_dir / "vllm" / "bin" / "python"),
             "xgen_pip_extra_args": f"--no-index --find-links {wheelhouse}",
         }
 

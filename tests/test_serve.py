@@ -336,3 +336,49 @@ def test_a_request_right_after_start_on_a_fresh_file_waits_for_it_to_settle(daem
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     answer = daemon.http.post("/v1/chat/completions", json=chat)
     assert answer.status_code == 200, answer.text
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_env_and_binary_reach_the_process_and_a_change_of_either_replaces_it(daemon: Daemon,
+                                                                              llama_server: Path) -> None:
+    """`env` and `llama.binary` per model: in the process's own environment and argv (from /proc);
+    a changed value is a launch change (a new process); a binary that is not there is refused
+    with its line while the last good process serves on."""
+    fork = daemon.dir / "builds" / "fork"
+    fork.mkdir(parents=True)
+    (fork / "llama-server").symlink_to(llama_server)  # another build, as far as xgen can tell
+    spec = ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 1024\n    env: {{XGEN_MARK: one, LLAMA_ARG_THREADS_HTTP: 3}}\n"
+                             "    llama: {{binary: builds/fork/llama-server}}")
+    model = daemon.launch(spec)["loaded_models"][0]
+    pid = model["pid"]
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode() == str(fork / "llama-server")
+    env = proc_environ(pid)
+    assert (env["XGEN_MARK"], env["LLAMA_ARG_THREADS_HTTP"], env["CUDA_VISIBLE_DEVICES"]) == ("one", "3", "")
+    assert model["spec"]["env"] == {"XGEN_MARK": "one", "LLAMA_ARG_THREADS_HTTP": "3"}
+    chat(daemon)
+
+    plan = subprocess.run([sys.executable, "-m", "reconciler.cli", "plan", daemon.file.name],
+                          cwd=daemon.dir, capture_output=True, text=True)
+    assert "No changes" in plan.stdout, plan.stdout
+    changed = spec.replace("XGEN_MARK: one", "XGEN_MARK: two")
+    (daemon.dir / "next.yaml").write_text(daemon.file.read_text().replace("XGEN_MARK: one", "XGEN_MARK: two"))
+    plan = subprocess.run([sys.executable, "-m", "reconciler.cli", "plan", "next.yaml", "--daemon", daemon.url],
+                          cwd=daemon.dir, capture_output=True, text=True)
+    assert "env.XGEN_MARK: one → two" in plan.stdout, plan.stdout
+    daemon.converged(daemon.write(changed))
+    new = daemon.model("smollm2")
+    assert new is not None and new["pid"] != pid and not pid_alive(pid)
+    assert proc_environ(new["pid"])["XGEN_MARK"] == "two"
+    chat(daemon)
+
+    daemon.write(changed.replace("builds/fork/", "builds/gone/"))
+    status = daemon.until(lambda s: s["spec_error"], what="the spec error to show")
+    assert status["spec_error"] == [f"models.yaml:7:13: models.smollm2.llama.binary: not found: "
+                                     f"{daemon.dir / 'builds' / 'gone' / 'llama-server'} (relative paths start at "
+                                     "the directory of this file)"], status["spec_error"]
+    assert daemon.model("smollm2")["pid"] == new["pid"]  # type: ignore[index]
+    chat(daemon)

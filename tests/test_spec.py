@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
-from reconciler.spec import SpecError, load, parse
+from reconciler.spec import Spec, SpecError, load, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,8 +193,10 @@ def test_repo_default_models_yaml_parses() -> None:
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_validate(example: Path, tmp_path: Path) -> None:
-    """Every example is valid, on a host where its model files exist."""
-    env = {"XGEN_MODELS": str(tmp_path), "XGEN_API_KEY": "k"}
+    """Every example is valid, on a host where its model files and programs exist."""
+    env = {"XGEN_MODELS": str(tmp_path), "XGEN_API_KEY": "k", "VLLM_VENV": str(tmp_path / "venv")}
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").symlink_to(sys.executable)
     spec = parse(example.read_text(), str(example), env)
     for model in spec.models.values():
         for adapter in model.lora:
@@ -258,3 +262,44 @@ def test_hung_after_s_is_0_or_at_least_a_second() -> None:
     assert problems("server: {hung_after_s: 0.2}\nmodels: {}\n") == [
         "m.yaml:1:10: server.hung_after_s: found 0.2, expected 0 (never checked) or at least 1 second"
     ]
+
+
+def test_env_values_are_strings_and_the_names_are_checked() -> None:
+    spec = parse("models:\n  a:\n    path: a.gguf\n    env: {X: 1, Y: 0.5, Z: plain}\n", "m.yaml", {})
+    assert spec.models["a"].env == {"X": "1", "Y": "0.5", "Z": "plain"}
+    assert problems("models:\n  a:\n    path: a.gguf\n    env: {X: true}\n") == [
+        "m.yaml:4:11: models.a.env.X: found True, expected a string: quote it ('1', 'true') as the backend wants it"]
+    assert problems("models:\n  a:\n    path: a.gguf\n    gpu_index: 0\n    env: {CUDA_VISIBLE_DEVICES: '1'}\n") == [
+        "m.yaml:5:11: models.a.env.CUDA_VISIBLE_DEVICES: 'CUDA_VISIBLE_DEVICES' is managed by xgen: set gpu_index "
+        "instead"]
+    assert problems("models:\n  a:\n    path: a.gguf\n    env: {'A=B': x}\n") == [
+        "m.yaml:4:11: models.a.env.A=B: 'A=B' is not a variable name (letters, digits and _)"]
+    assert problems("models:\n  a:\n    backend: remote\n    url: http://h/v1\n    env: {A: b}\n") == [
+        "m.yaml:5:5: models.a.env: a remote model runs elsewhere: xgen starts no process to give variables to"]
+    assert problems("defaults:\n  env: {A: [1]}\nmodels:\n  a: {path: a.gguf}\n") == [
+        "m.yaml:2:9: models.a.env.A: found [1], expected a string"]
+
+
+def test_programs_a_model_names_are_found_or_refused_with_their_line(tmp_path: Path) -> None:
+    fork = tmp_path / "builds" / "llama-server"
+    fork.parent.mkdir()
+    fork.write_text("#!/bin/sh\n")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    file = tmp_path / "models.yaml"
+
+    def load_with(llama: str) -> Spec:
+        file.write_text(f"models:\n  a:\n    path: m.gguf\n    llama: {{{llama}}}\n    vllm: {{python: python3}}\n")
+        return load(file, {})
+
+    with pytest.raises(SpecError) as info:
+        load_with("binary: builds/llama-server")
+    assert [str(p) for p in info.value.problems] == [
+        f"{file}:4:13: models.a.llama.binary: {fork} is not executable (chmod +x)"]
+    fork.chmod(0o755)
+    spec = load_with("binary: builds/llama-server")
+    assert spec.models["a"].llama.binary == str(fork)  # relative to the file
+    assert spec.models["a"].vllm.python == shutil.which("python3")  # a name: found on PATH
+    with pytest.raises(SpecError) as info:
+        load_with("binary: no-such-llama-server")
+    assert [str(p) for p in info.value.problems] == [
+        f"{file}:4:13: models.a.llama.binary: 'no-such-llama-server' is not on PATH: give its full path"]

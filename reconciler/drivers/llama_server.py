@@ -59,7 +59,7 @@ class LlamaServerDriver:
         assert model.path is not None, "the spec guarantees a path for llama-server"
         o = model.llama
         argv = [
-            str(self.binary),
+            o.binary or str(self.binary),
             "--host",
             "127.0.0.1",
             "--port",
