@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from reconciler.demand import Candidate, Decision, Room, Usage, decide, devices_of, gib
 from reconciler.spec import LoraAdapter, ModelSpec, ServerSettings, Spec, size_of
-from reconciler.state import GpuInfo, ModelState
+from reconciler.state import GpuInfo, ModelState, placement, shown_argv
 
 PLAN_FORMAT_VERSION = "3"
 Cause = Literal["spec", "demand", "idle", "evict"]
@@ -469,7 +469,7 @@ def _placement_notes(spec: Spec, observed: Observed) -> list[str]:
         f"models.{name}: gpu_index {model.gpu_index} with n_gpu_layers 0 offloads nothing to the GPU "
         "(set n_gpu_layers: -1 to offload every layer)"
         for name, model in spec.served.items()
-        if model.gpus and model.n_gpu_layers == 0 and model.format == "gguf"
+        if model.gpus and model.n_gpu_layers == 0 and model.format == "gguf" and model.backend != "command"
     ] + [
         f"models.{name}: no memory estimate for this backend; only server.max_loaded limits how many load at once"
         for name in spec.on_demand
@@ -622,9 +622,10 @@ def _launch_line(name: str, spec: ModelSpec) -> str:
         line = f"{spec.url} as '{spec.remote_model or name}'" + (
             f", key from ${spec.api_key_env}" if spec.api_key_env else ""
         )
+    elif spec.command is not None:  # its flags are its own: n_ctx and n_gpu_layers say nothing here
+        line = f"{' '.join(shown_argv(tuple(spec.command.argv)))}  [{placement(spec.gpus)}]"
     else:
-        device = ",".join(f"gpu:{g}" for g in spec.gpus) or "cpu"
-        line = f"{spec.source}  [{device}, n_ctx {spec.n_ctx}, n_gpu_layers {spec.n_gpu_layers}]"
+        line = f"{spec.source}  [{placement(spec.gpus)}, n_ctx {spec.n_ctx}, n_gpu_layers {spec.n_gpu_layers}]"
     policy = []
     if spec.max_concurrent is not None:
         policy.append(f"max_concurrent {spec.max_concurrent} (queue {spec.max_queue}, {spec.queue_timeout_s:g} s)")

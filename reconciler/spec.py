@@ -31,8 +31,7 @@ MAX_NODES = 50_000  # YAML values read: a file of ~4,000 models
 MAX_ALIASED = 5_000  # values read again through an alias: a "billion laughs" file stops here, cheaply
 # Plain YAML only: an explicit tag such as !!python/object is refused, never constructed.
 _TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "timestamp"))
-BACKENDS = ("llama-server", "vllm", "transformers")
-Backend = Literal["auto", "llama-server", "vllm", "transformers", "remote"]
+Backend = Literal["auto", "llama-server", "vllm", "transformers", "command", "remote"]
 ServerType = Literal["llm", "embedding", "rerank"]
 Desired = Literal["loaded", "on_demand", "unloaded"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
@@ -236,6 +235,21 @@ class TransformersOptions(_Strict):
     dtype: str | None = Field(None, description="auto, float16, bfloat16, float32.")
 
 
+class CommandOptions(_Strict):
+    """Any other server, run from its command line (`backend: command`)."""
+
+    argv: list[str] = Field(
+        min_length=1,
+        description="The program and its arguments (never run by a shell). In each argument {port} becomes the "
+        "port xgen gives the process, {host} 127.0.0.1 and {name} the model's name.",
+    )
+    health: str = Field(
+        "/v1/models",
+        pattern=r"^/",
+        description="The path that answers 200 once the server serves (and while it does): its health check.",
+    )
+
+
 class LoraAdapter(_Strict):
     name: str = Field(min_length=1, description="Name that /v1 requests use to select the adapter.")
     path: str = Field(min_length=1, description="Adapter directory or GGUF file.")
@@ -323,6 +337,7 @@ class ModelSpec(_Strict):
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     transformers: TransformersOptions = Field(default_factory=TransformersOptions)
     lora: list[LoraAdapter] = Field(default_factory=list)
+    command: CommandOptions | None = Field(None, description="The server's command line, for backend: command.")
     extra_args: list[str] = Field(default_factory=list, description="More backend flags (not ones xgen manages).")
     env: dict[str, EnvValue] = Field(
         default_factory=dict,
@@ -372,7 +387,7 @@ class ModelSpec(_Strict):
 
     @property
     def source(self) -> str:
-        return self.path or self.hf_id or ""
+        return self.path or self.hf_id or (self.command.argv[0] if self.command else "")
 
     @property
     def format(self) -> Literal["gguf", "hf"]:
@@ -869,6 +884,10 @@ def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
     for field in ("url", "remote_model", "api_key_env"):
         if getattr(model, field) is not None:
             return [(field, f"'{field}' is for models served elsewhere: set backend: remote, or remove it")]
+    if model.backend == "command":
+        return command_problems(model)
+    if model.command is not None:
+        return [("command", "'command' is for backend: command (any other server); remove it, or set the backend")]
     if (model.path is None) == (model.hf_id is None):
         return [("path", "set exactly one of 'path' (a local file or directory) or 'hf_id'")]
     if model.backend == "llama-server" and model.hf_id is not None:
@@ -888,6 +907,28 @@ def source_problems(model: ModelSpec) -> list[tuple[str, str]]:
                 f"{model.backend} serves Hugging Face model directories, not GGUF files; use backend: llama-server",
             )
         ]
+    return []
+
+
+def command_problems(model: ModelSpec) -> list[tuple[str, str]]:
+    """A server xgen runs by its command line: it must be told its port."""
+    if model.command is None:
+        return [("command", "backend: command needs `command: {argv: [program, arguments…]}`")]
+    uses = {key for key in ("{port}", "{path}") if any(key in arg for arg in model.command.argv)}
+    if "{port}" not in uses:
+        return [
+            (
+                "command",
+                "no {port} in argv: xgen gives each process its port (a replacement runs beside the old one on "
+                "another), so the command must take it, e.g. [my-server, --port, '{port}']",
+            )
+        ]
+    if model.hf_id is not None:
+        return [("hf_id", "a command names its model in argv: remove hf_id, or put it in argv")]
+    if (model.path is not None) != ("{path}" in uses):
+        if model.path is None:
+            return [("command", "{path} in argv stands for `path`: set it (checked, relative to this file)")]
+        return [("path", "xgen passes `path` only as {path}: put {path} in argv where the command takes it")]
     return []
 
 
@@ -987,8 +1028,8 @@ def _resolve_paths(spec: Spec, base: Path, reader: _Reader) -> Spec:
 
 
 def _resolve_programs(name: str, model: ModelSpec, base: Path, reader: _Reader) -> ModelSpec:
-    """`llama.binary` and `vllm.python` made absolute and checked: a wrong one is said here, with
-    its line, not when the backend fails to start."""
+    """`llama.binary`, `vllm.python` and a command's program made absolute and checked: a wrong one
+    is said here, with its line, not when the backend fails to start."""
     update: dict[str, Any] = {}
     for block, key in (("llama", "binary"), ("vllm", "python")):
         options = getattr(model, block)
@@ -998,6 +1039,11 @@ def _resolve_programs(name: str, model: ModelSpec, base: Path, reader: _Reader) 
         if problem:
             reader.problem(("models", name, block, key), problem)
         update[block] = options.model_copy(update={key: program})
+    if model.command is not None:
+        program, problem = _executable(model.command.argv[0], base)
+        if problem:
+            reader.problem(("models", name, "command", "argv", 0), problem)
+        update["command"] = model.command.model_copy(update={"argv": [program, *model.command.argv[1:]]})
     return model.model_copy(update=update) if update else model
 
 
@@ -1023,6 +1069,8 @@ def _resolve(path: Path, base: Path, model: ModelSpec) -> tuple[Path, str | None
     full = _resolve_plain(path, base)
     if not full.exists():
         return full, f"not found: {full} (check the path; relative paths start at the directory of this file)"
+    if model.backend == "command":
+        return full, None  # whatever the command reads
     if full.is_dir():
         ggufs = sorted(p for p in full.iterdir() if p.suffix.lower() == ".gguf")
         if ggufs and model.backend in ("auto", "llama-server"):

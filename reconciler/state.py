@@ -96,8 +96,7 @@ class ModelInfo:
     def device(self) -> str:
         if self.backend == "remote":
             return "remote"
-        gpus = self.spec.gpus
-        return "cpu" if not gpus else ",".join(f"gpu:{g}" for g in gpus)
+        return placement(self.spec.gpus)
 
     def to_json(self) -> dict[str, Any]:
         """The status API's shape for one model."""
@@ -139,6 +138,11 @@ class ModelInfo:
             },
             "spec": self.spec.model_dump(mode="json"),
         }
+
+
+def placement(gpus: tuple[int, ...]) -> str:
+    """Where a process runs, as status and the plan show it: `cpu`, `gpu:0`, `gpu:0,gpu:1`."""
+    return ",".join(f"gpu:{g}" for g in gpus) or "cpu"
 
 
 _SECRET = re.compile(r"key|token|secret|password|passwd|auth", re.IGNORECASE)

@@ -437,7 +437,7 @@ class Supervisor:
             pidfile,
             log_from,
             driver.stop_signal,
-            alive_url=driver.alive_url(port),
+            alive_url=driver.alive_url(port, model),
         )
 
     async def _ready(self, key: str, child: Child, backend: str, model: ModelSpec) -> str | None:
@@ -447,7 +447,7 @@ class Supervisor:
         try:
             watch = LoadProgress(self.state_dir / "logs" / f"{key.split('+')[0]}.log", child.log_from, driver.progress)
             ok, why = await self._wait_ready(
-                key, child, driver.health_url(child.port), ready_timeout(driver, model), watch
+                key, child, driver.health_url(child.port, model), ready_timeout(driver, model), watch
             )
         except asyncio.CancelledError:
             await asyncio.shield(self._kill(key, child))

@@ -40,7 +40,7 @@ models:
 """
     assert problems(text) == [
         "m.yaml:4:5: models.qwen.backend: found 'vlm', expected one of: 'auto', 'llama-server', 'vllm', "
-        "'transformers', 'remote'",
+        "'transformers', 'command', 'remote'",
         "m.yaml:5:5: models.qwen.n_ctx: found 'lots', expected an integer",
         "m.yaml:8:5: models.other.gpu_layers: unknown key 'gpu_layers' (did you mean 'n_gpu_layers'?)",
     ]

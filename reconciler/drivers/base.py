@@ -27,9 +27,11 @@ class Driver(Protocol):
         """Variables added to the child's environment (GPU pinning and the like)."""
         ...
 
-    def health_url(self, port: int) -> str: ...
+    def health_url(self, port: int, model: ModelSpec) -> str:
+        """What answers 200 once the process serves."""
+        ...
 
-    def alive_url(self, port: int) -> str:
+    def alive_url(self, port: int, model: ModelSpec) -> str:
         """What a loaded process must answer to count as alive: a path its inference engine
         serves, where the backend has one (a health endpoint may answer while the engine is stuck)."""
         ...

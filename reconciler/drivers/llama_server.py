@@ -104,10 +104,10 @@ class LlamaServerDriver:
         (KV cache) made, the HTTP server up."""
         return next((p for marker, p in _LLAMA_STAGES if marker in line), None)
 
-    def health_url(self, port: int) -> str:
+    def health_url(self, port: int, model: ModelSpec) -> str:
         return f"http://127.0.0.1:{port}/health"
 
-    def alive_url(self, port: int) -> str:
+    def alive_url(self, port: int, model: ModelSpec) -> str:
         """/slots: its inference loop answers it (a high-priority task between two batches), where
         /health is answered by an HTTP thread even while that loop is stuck. It waits for the batch
         in progress: 0.03-0.09 s with 20 requests in flight on 2 HTTP threads, over 3 s with 12 on

@@ -57,11 +57,11 @@ class TransformersDriver:
                 return float(line.split()[1])
         return None
 
-    def health_url(self, port: int) -> str:
+    def health_url(self, port: int, model: ModelSpec) -> str:
         return f"http://127.0.0.1:{port}/health"
 
-    def alive_url(self, port: int) -> str:
-        return self.health_url(port)
+    def alive_url(self, port: int, model: ModelSpec) -> str:
+        return self.health_url(port, model)
 
     def availability(self) -> Availability:
         missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]

@@ -80,11 +80,11 @@ class VllmDriver:
             return 0.1 + 0.5 * int(shards.group(1)) / 100
         return next((p for marker, p in _VLLM_STAGES if marker in line), None)
 
-    def health_url(self, port: int) -> str:
+    def health_url(self, port: int, model: ModelSpec) -> str:
         return f"http://127.0.0.1:{port}/health"
 
-    def alive_url(self, port: int) -> str:
-        return self.health_url(port)
+    def alive_url(self, port: int, model: ModelSpec) -> str:
+        return self.health_url(port, model)
 
     def availability(self) -> Availability:
         python = self.python()
