@@ -123,7 +123,11 @@ class ModelInfo:
             "log_tail": list(self.log_tail),
             "launch": shown_argv(self.argv),
             "gpu_index": list(self.spec.gpus),
-            "config": {"n_ctx": self.spec.n_ctx, "n_gpu_layers": self.spec.n_gpu_layers, "device": self.device},
+            "config": {  # a command's flags are its own: xgen passes it neither
+                "n_ctx": None if self.spec.command else self.spec.n_ctx,
+                "n_gpu_layers": None if self.spec.command else self.spec.n_gpu_layers,
+                "device": self.device,
+            },
             "memory": {
                 "estimated": self.estimated,
                 "measured": self.measured,

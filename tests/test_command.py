@@ -50,6 +50,7 @@ def test_a_command_model_loads_on_demand_serves_restarts_and_stops(daemon: Daemo
     assert chat(daemon, "default")["model"] == "own"  # the first request loads it
     model = daemon.model("own")
     assert model is not None and (model["state"], model["backend"]) == ("LOADED", "command")
+    assert model["config"] == {"n_ctx": None, "n_gpu_layers": None, "device": "cpu"}  # not xgen's to say
     argv = Path(f"/proc/{model['pid']}/cmdline").read_bytes().split(b"\0")[:-1]
     assert [a.decode() for a in argv] == [str(llama_server), "--host", "127.0.0.1", "--port", str(model["port"]),
                                           "-m", str(daemon.vars["MODEL"]), "-c", "512", "--alias", "own"]
