@@ -241,13 +241,19 @@ class CommandOptions(_Strict):
     argv: list[str] = Field(
         min_length=1,
         description="The program and its arguments (never run by a shell). In each argument {port} becomes the "
-        "port xgen gives the process, {host} 127.0.0.1 and {name} the model's name.",
+        "port xgen gives the process, {host} 127.0.0.1, {name} the model's name and {path} its `path`.",
     )
     health: str = Field(
         "/v1/models",
-        pattern=r"^/",
         description="The path that answers 200 once the server serves (and while it does): its health check.",
     )
+
+    @field_validator("health", mode="after")
+    @classmethod
+    def _a_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"found {value!r}, expected a path on the server, starting with /")
+        return value
 
 
 class LoraAdapter(_Strict):
@@ -822,7 +828,7 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
             )
         for i, arg in enumerate(model.extra_args):
             flag = arg.split("=", 1)[0]
-            if flag in MANAGED_FLAGS:
+            if flag in MANAGED_FLAGS and model.backend != "command":  # a command's flags are all its own
                 reader.problem(
                     (*at, "extra_args", i), f"'{flag}' is managed by xgen: set {MANAGED_FLAGS[flag]} instead"
                 )
