@@ -303,6 +303,38 @@ def _error(model: dict[str, Any]) -> str:
     return str(model.get("error_message") or "")
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """A model's backend log from the daemon: its last lines, and with --follow what it writes
+    next (until Ctrl-C), with no line missed or repeated between the two."""
+    spec = _load_or_report(args.file, host_checks=False) if Path(args.file).exists() else None
+    url = _daemon_url(args.file, spec, args.daemon)
+    where = f"{url}/api/logs/{args.model}"
+    try:
+        if not args.follow:
+            resp = httpx.get(where, params={"lines": args.lines}, timeout=10.0)
+            if resp.status_code == 200:
+                for line in resp.json()["lines"]:
+                    print(line)
+        else:
+            with httpx.stream("GET", where, params={"lines": args.lines, "follow": 1}, timeout=None) as resp:
+                if resp.status_code == 200:
+                    for line in resp.iter_lines():
+                        if line.startswith("data: "):
+                            print(line[6:], flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except (httpx.HTTPError, ValueError, KeyError):
+        print(f"no xgen daemon answers at {url} (--daemon URL or XGEN_DAEMON to point at one)", file=sys.stderr)
+        return 1
+    if resp.status_code == 404:
+        print(f"the daemon at {url} has no model '{args.model}' (xgen status lists them)", file=sys.stderr)
+        return 1
+    if resp.status_code != 200:
+        print(f"the daemon at {url} answered {resp.status_code} for {args.model}'s log", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     text = json.dumps(specmod.json_schema(), indent=2) + "\n"
     if not args.output:
@@ -433,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the status API's JSON")
     p.add_argument("--daemon", metavar="URL", help=daemon_help)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="a model's backend log: its last lines, -f to follow")
+    p.add_argument("model", help="the model's name")
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help="finds the daemon serving this file")
+    p.add_argument("-n", "--lines", type=int, default=100, help="how many of its last lines (at most 2000)")
+    p.add_argument("-f", "--follow", action="store_true", help="then what it writes next, until Ctrl-C")
+    p.add_argument("--daemon", metavar="URL", help=daemon_help)
+    p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("schema", help="print (or write) the JSON schema of models.yaml")
     p.add_argument(

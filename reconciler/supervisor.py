@@ -90,12 +90,14 @@ def tree_rss(pids: list[int]) -> dict[int, int]:
     return out
 
 
-def read_tail(path: Path, size: int) -> str:
-    """The last `size` bytes of a log file as text ("" when it cannot be read)."""
+def read_tail(path: Path, size: int, end: int | None = None) -> str:
+    """The last `size` bytes of a log file (of its first `end` bytes) as text ("" when it cannot
+    be read)."""
     try:
         with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - size))
-            return f.read().decode(errors="replace")
+            end = path.stat().st_size if end is None else end
+            f.seek(max(0, end - size))
+            return f.read(end - f.tell()).decode(errors="replace")
     except OSError:
         return ""
 

@@ -5,6 +5,9 @@ backend lacks."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,3 +169,26 @@ def test_a_models_log_over_http_tail_and_follow(api_daemon: Daemon) -> None:
         lines = stream.iter_lines()
         new = next(line for line in lines if line.startswith("data: "))
     assert new.startswith("data: ")
+
+
+def test_xgen_logs_prints_the_tail_then_follows_with_no_line_missed(api_daemon: Daemon) -> None:
+    xgen = [sys.executable, "-m", "reconciler.cli", "logs"]
+    tail = subprocess.run([*xgen, "smollm2", "-n", "5", "--daemon", api_daemon.url],
+                          capture_output=True, text=True, timeout=30)
+    assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 5, tail
+    assert tail.stdout.splitlines() == api_daemon.http.get("/api/logs/smollm2", params={"lines": 5}).json()["lines"]
+    missing = subprocess.run([*xgen, "nope", "--daemon", api_daemon.url], capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "has no model 'nope'" in missing.stderr
+
+    follow = subprocess.Popen([*xgen, "smollm2", "-n", "3", "-f", "--daemon", api_daemon.url],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None
+        before = [follow.stdout.readline().rstrip("\n") for _ in range(3)]  # the backlog, at once
+        assert before == api_daemon.http.get("/api/logs/smollm2", params={"lines": 3}).json()["lines"]
+        api_daemon.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 2})
+        assert follow.stdout.readline().strip()  # what the request made llama-server write
+    finally:
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(10) == 0  # Ctrl-C ends it quietly

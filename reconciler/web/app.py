@@ -214,7 +214,8 @@ def create_app(
             count = 100
         if request.query_params.get("follow") not in ("1", "true"):
             return JSONResponse({"model": name, "lines": read_tail(path, 256 * count).splitlines()[-count:]})
-        return StreamingResponse(_follow(store, path), media_type="text/event-stream", headers=SSE_HEADERS)
+        backlog = count if "lines" in request.query_params else 0
+        return StreamingResponse(_follow(store, path, backlog), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return openai_error(404, f"no route {request.method} {request.url.path}", "invalid_request_error", "not_found")
@@ -254,10 +255,15 @@ def create_app(
     return app
 
 
-async def _follow(store: StateStore, path: Path) -> AsyncIterator[bytes]:
-    """New lines of a log file as SSE `data:` frames (from its end; a rotated file from its start)."""
+async def _follow(store: StateStore, path: Path, backlog: int) -> AsyncIterator[bytes]:
+    """New lines of a log file as SSE `data:` frames, after its last `backlog` lines: both from
+    one offset, so that no line is missed or sent twice between them (a rotated file is read
+    again from its start)."""
     yield b"retry: 2000\n\n"
-    new = NewLines(path, path.stat().st_size if path.exists() else 0)
+    end = path.stat().st_size if path.exists() else 0
+    for text in read_tail(path, 256 * backlog, end).splitlines()[-backlog:] if backlog else []:
+        yield b"data: " + text.encode() + b"\n\n"
+    new = NewLines(path, end)
     idle = 0.0
     while not store.closed:
         if lines := new.read():
