@@ -16,7 +16,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -798,6 +798,8 @@ def _valid_keys(loc: Loc) -> list[str]:
 def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) -> None:
     """Rules across fields and models. `invalid` models were already reported; they are
     skipped here, but their names and aliases still count as known."""
+    for loc in _holding_nul(spec.model_dump(), ()):
+        reader.problem(loc, "contains a NUL character (\\0), which no program argument, variable or path can hold")
     owner: dict[str, str] = {}
     ports: dict[int, str] = {}
     for name, model in spec.models.items():
@@ -881,6 +883,21 @@ def _cross_checks(spec: Spec, invalid: dict[str, list[str]], reader: _Reader) ->
                 f"model '{target}' is a{'n' if spec.models[target].server_type == 'embedding' else ''} "
                 f"{spec.models[target].server_type} model; the active model must be an llm",
             )
+
+
+def _holding_nul(value: Any, loc: Loc) -> Iterator[Loc]:
+    """Where a string holds a NUL: passed to a process it would be cut short there, silently."""
+    if isinstance(value, str):
+        if "\0" in value:
+            yield loc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\0" in key:
+                yield loc
+            yield from _holding_nul(item, (*loc, key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _holding_nul(item, (*loc, i))
 
 
 def source_problems(model: ModelSpec) -> list[tuple[str, str]]:

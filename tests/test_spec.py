@@ -303,3 +303,12 @@ def test_programs_a_model_names_are_found_or_refused_with_their_line(tmp_path: P
         load_with("binary: no-such-llama-server")
     assert [str(p) for p in info.value.problems] == [
         f"{file}:4:13: models.a.llama.binary: 'no-such-llama-server' is not on PATH: give its full path"]
+
+
+def test_a_nul_anywhere_is_refused_where_it_is() -> None:
+    """A process argument, variable or path is cut short at a NUL without a word: refused here."""
+    assert problems('models:\n  a:\n    path: a.gguf\n    extra_args: ["--x\\0y"]\n    env: {A: "b\\0c"}\n') == [
+        "m.yaml:4:18: models.a.extra_args.0: contains a NUL character (\\0), which no program argument, variable "
+        "or path can hold",
+        "m.yaml:5:11: models.a.env.A: contains a NUL character (\\0), which no program argument, variable or path "
+        "can hold"]
