@@ -112,6 +112,11 @@ def test_error_shapes(proxy_daemon: Daemon) -> None:
     assert r.status_code == 404
     assert r.json() == {"error": {"message": "no route GET /v1/nope", "type": "invalid_request_error",
                                   "param": None, "code": "not_found"}}
+    r = http.get("/api/status")  # a guess at where status is
+    assert r.json()["error"]["message"] == "no route GET /api/status (did you mean /api/management/status?)"
+    r = http.get("/v1/chat/completions")
+    assert r.status_code == 405
+    assert r.json()["error"]["message"] == "GET is not served at /v1/chat/completions; it takes POST"
     r = http.post("/v1/chat/completions", content=b"x" * (17 * 1024 * 1024))
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = http.post("/v1/chat/completions", content=b"not json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import gc
 import ipaddress
 import json
@@ -218,7 +219,20 @@ def create_app(
         return StreamingResponse(_follow(store, path, backlog), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return openai_error(404, f"no route {request.method} {request.url.path}", "invalid_request_error", "not_found")
+        path = request.url.path
+        allowed = getattr(exc, "headers", None) or {}
+        if "Allow" in allowed:
+            return openai_error(
+                405,
+                f"{request.method} is not served at {path}; it takes {allowed['Allow']}",
+                "invalid_request_error",
+                "method_not_allowed",
+            )
+        known = [r.path for r in routes if "{" not in r.path and r.path != "/"]
+        same_end = [k for k in known if k.rsplit("/", 1)[-1] == path.rstrip("/").rsplit("/", 1)[-1]]
+        close = same_end or difflib.get_close_matches(path, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return openai_error(404, f"no route {request.method} {path}{hint}", "invalid_request_error", "not_found")
 
     routes = [
         Route("/", management(page)),
