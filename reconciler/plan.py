@@ -463,18 +463,27 @@ def _server_update(want: Mapping[str, Any], have: Mapping[str, Any], notes: list
 
 
 def _placement_notes(spec: Spec, observed: Observed) -> list[str]:
-    """Placements that are valid but almost certainly not what was meant, and on-demand models
-    whose memory no budget can account for."""
-    return [
-        f"models.{name}: gpu_index {model.gpu_index} with n_gpu_layers 0 offloads nothing to the GPU "
-        "(set n_gpu_layers: -1 to offload every layer)"
-        for name, model in spec.served.items()
-        if model.gpus and model.n_gpu_layers == 0 and model.format == "gguf" and model.backend != "command"
-    ] + [
-        f"models.{name}: no memory estimate for this backend; only server.max_loaded limits how many load at once"
-        for name in spec.on_demand
-        if name not in observed.estimates
-    ]
+    """Placements that are valid but almost certainly not what was meant, on-demand models whose
+    memory no budget can account for, and commands that may listen beyond loopback."""
+    return (
+        [
+            f"models.{name}: gpu_index {model.gpu_index} with n_gpu_layers 0 offloads nothing to the GPU "
+            "(set n_gpu_layers: -1 to offload every layer)"
+            for name, model in spec.served.items()
+            if model.gpus and model.n_gpu_layers == 0 and model.format == "gguf" and model.backend != "command"
+        ]
+        + [
+            f"models.{name}: no memory estimate for this backend; only server.max_loaded limits how many load at once"
+            for name in spec.on_demand
+            if name not in observed.estimates
+        ]
+        + [
+            f"models.{name}: the command has no {{host}}, so the server listens where its own default says (xgen's "
+            "backends listen on 127.0.0.1 only; pass '{host}' to its listen flag)"
+            for name, model in spec.served.items()
+            if model.command is not None and not any("{host}" in arg for arg in model.command.argv)
+        ]
+    )
 
 
 def _default_active(spec: Spec) -> str | None:

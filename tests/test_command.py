@@ -78,6 +78,8 @@ def test_a_command_that_exits_at_once_is_an_error_with_its_words(daemon: Daemon)
     status = daemon.until(lambda s: s["loaded_models"] and s["loaded_models"][0]["state"] == "ERROR", 20, "ERROR")
     model = status["loaded_models"][0]
     assert model["error_message"].startswith("exited with code 3 while loading: no model here: cannot serve")
+    assert "models.own: the command has no {host}, so the server listens where its own default says" in \
+        status["last_plan"]["notes"][0]
     r = daemon.http.post("/v1/chat/completions", json={"model": "own", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 503
 
