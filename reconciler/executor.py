@@ -99,7 +99,7 @@ class Executor:
 
     async def shutdown(self) -> None:
         """Stop every change in progress (half-started processes are stopped)."""
-        await asyncio.gather(*(o.cancel() for o in self.owners.values()))
+        await asyncio.gather(*(o.cancel("xgen is shutting down") for o in self.owners.values()))
 
     async def _run(self, name: str, actions: Sequence[Action]) -> bool:
         ok = True

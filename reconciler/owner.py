@@ -70,7 +70,7 @@ class Owner:
         previous = self.task if self.busy else None
         if previous is not None:
             log.info("%s: a newer spec supersedes the change in progress", self.name)
-            previous.cancel()
+            previous.cancel("superseded by a newer spec")
         self.key = key
         self.task = asyncio.get_running_loop().create_task(self._converge(actions, key, previous, after))
         return self.task
@@ -93,7 +93,7 @@ class Owner:
             self._done = (key, time.monotonic(), ok)
             self._on_done(self.name, ok)
 
-    async def cancel(self) -> None:
+    async def cancel(self, why: str) -> None:
         if self.task is not None and not self.task.done():
-            self.task.cancel()
+            self.task.cancel(why)
             await asyncio.gather(self.task, return_exceptions=True)

@@ -255,8 +255,9 @@ class Supervisor:
     # ------------------------------------------------ start
 
     async def start(self, name: str, model: ModelSpec, backend: str) -> bool:
-        """Start the model's process and wait until it is ready. True when LOADED. Cancelled
-        (a newer spec superseded this load), it stops the half-started process first."""
+        """Start the model's process and wait until it is ready. True when LOADED. Cancelled (a
+        newer spec superseded this load, xgen stops: the cancel's message says which), it stops
+        the half-started process first."""
         old = self.store.models.get(name)
         prev_port = old.port if old and old.port else self.last_port.get(name)
         failures = old.failures if old else 0
@@ -299,9 +300,10 @@ class Supervisor:
         log.info("%s: started %s pid %d on port %d", name, backend, child.proc.pid, child.port)
         try:
             why = await self._ready(name, child, backend, model)
-        except asyncio.CancelledError:
-            self.store.transition(name, ModelState.UNLOADING, "superseded by a newer spec")
-            self.store.transition(name, ModelState.GONE, "superseded by a newer spec")
+        except asyncio.CancelledError as exc:
+            why = str(exc.args[0]) if exc.args and exc.args[0] else "its load was cancelled"
+            self.store.transition(name, ModelState.UNLOADING, why)
+            self.store.transition(name, ModelState.GONE, why)
             raise
         if why is not None:
             return self._fail(name, failures, why)

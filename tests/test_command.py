@@ -119,3 +119,15 @@ def test_the_command_line_is_filled_in_and_the_health_path_is_the_models() -> No
     assert driver.command("whisper", model, 8123) == [
         "/bin/srv", "--listen=127.0.0.1:8123", "--model", "/m/w.bin", "--name", "whisper", "--verbose"]
     assert driver.health_url(8123, model) == driver.alive_url(8123, model) == "http://127.0.0.1:8123/v1/models"
+
+
+def test_sigterm_during_a_load_says_why_the_load_ended(daemon: Daemon) -> None:
+    """The half-started process is stopped, and the reason is the shutdown, not a newer spec."""
+    daemon.write(f"models:\n  slow:\n    backend: command\n    command: {{{{argv: [{sys.executable}, -c, "
+                 f"'import time; time.sleep(60)', '{{{{port}}}}'], health: /health}}}}\nactive: slow\n")
+    daemon.start()
+    pid = daemon.until(lambda s: s["loaded_models"] and s["loaded_models"][0]["pid"], 20, "the start")[
+        "loaded_models"][0]["pid"]
+    assert daemon.stop() == 0
+    assert not pid_alive(pid)
+    assert "slow: LOADING → UNLOADING (xgen is shutting down)" in daemon.log()
