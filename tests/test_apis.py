@@ -181,7 +181,8 @@ def test_xgen_logs_prints_the_tail_then_follows_with_no_line_missed(api_daemon: 
     assert missing.returncode == 1 and "has no model 'nope'" in missing.stderr
 
     follow = subprocess.Popen([*xgen, "smollm2", "-n", "3", "-f", "--daemon", api_daemon.url],
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True,  # Ctrl-C as at a terminal, however the tests run
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert follow.stdout is not None
         before = [follow.stdout.readline().rstrip("\n") for _ in range(3)]  # the backlog, at once
