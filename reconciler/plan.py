@@ -5,6 +5,7 @@ No clocks, no I/O, no logging. `xgen plan` prints exactly what the daemon would 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -125,7 +126,28 @@ class Change:
     new: Any
 
     def __str__(self) -> str:
+        if _long_list(self.old) and _long_list(self.new) and max(len(self.old), len(self.new)) > LIST_SHOWN_WHOLE:
+            return f"{self.field}: {_list_edits(self.old, self.new)}"
         return f"{self.field}: {_show(self.old)} → {_show(self.new)}"
+
+
+LIST_SHOWN_WHOLE = 4  # a longer list (a command line) is shown by its edits, each after the element before it
+
+
+def _long_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str | int | float) for x in value)
+
+
+def _list_edits(old: list[Any], new: list[Any]) -> str:
+    """`600 → 700 after -c; + --verbose after 1`: what changed in a list, not the whole of it twice."""
+    edits = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        gone, came = " ".join(_show(x) for x in old[i1:i2]), " ".join(_show(x) for x in new[j1:j2])
+        edit = {"replace": f"{gone} → {came}", "delete": f"- {gone}", "insert": f"+ {came}"}[op]
+        edits.append(edit + (f" after {_show(old[i1 - 1])}" if i1 else " at the start"))
+    return "; ".join(edits)
 
 
 @dataclass(frozen=True)

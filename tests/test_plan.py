@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.plan import (
+    Change,
     Drift,
     Observed,
     ObservedModel,
@@ -376,3 +377,13 @@ def test_a_failed_update_waits_for_its_backoff_then_retries() -> None:
         "; retry after: update failed: exited with code 1")
     newer = spec_of(SPEC.replace("n_ctx: 4096", "n_ctx: 8192"))  # a later save is tried at once
     assert kinds(plan(newer, Observed({**running(spec).models, "chat": failed}, "chat"))) == [("reload", "chat")]
+
+
+def test_a_long_list_change_shows_its_edits_not_both_lists() -> None:
+    """A command line of a dozen arguments where one changed: the plan shows that one, with the
+    argument before it; a short list (aliases) is still shown whole."""
+    argv = ["/opt/srv", "--host", "{host}", "--port", "{port}", "-m", "{path}", "-c", "600", "-t", "1"]
+    assert str(Change("command.argv", argv, [*argv[:8], "700", *argv[9:]])) == "command.argv: 600 → 700 after -c"
+    assert str(Change("extra_args", argv, [*argv, "--verbose"])) == "extra_args: + --verbose after 1"
+    assert str(Change("extra_args", argv, argv[1:])) == "extra_args: - /opt/srv at the start"
+    assert str(Change("aliases", ["a"], ["a", "b"])) == 'aliases: ["a"] → ["a", "b"]'
