@@ -348,7 +348,8 @@ class ModelSpec(_Strict):
     env: dict[str, EnvValue] = Field(
         default_factory=dict,
         description="Variables set in the backend process's environment, over the daemon's (not ones xgen "
-        "manages). Shown in plan and status: a secret belongs in the daemon's environment.",
+        "manages; a remote model has no process here). Shown in plan and status: a secret belongs in the "
+        "daemon's environment.",
     )
     max_concurrent: int | None = Field(
         None, ge=1, description="Requests sent to this model at once (null: no limit); more wait in its queue."
@@ -967,8 +968,6 @@ def remote_problems(model: ModelSpec) -> list[tuple[str, str]]:
         return [("desired", "a remote model is not loaded by xgen: use desired: loaded (routed) or unloaded")]
     if model.gpu_index is not None:
         return [("gpu_index", "a remote model runs elsewhere: remove gpu_index")]
-    if model.env:
-        return [("env", "a remote model runs elsewhere: xgen starts no process to give variables to")]
     return []
 
 

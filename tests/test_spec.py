@@ -274,8 +274,9 @@ def test_env_values_are_strings_and_the_names_are_checked() -> None:
         "instead"]
     assert problems("models:\n  a:\n    path: a.gguf\n    env: {'A=B': x}\n") == [
         "m.yaml:4:11: models.a.env.A=B: 'A=B' is not a variable name (letters, digits and _)"]
-    assert problems("models:\n  a:\n    backend: remote\n    url: http://h/v1\n    env: {A: b}\n") == [
-        "m.yaml:5:5: models.a.env: a remote model runs elsewhere: xgen starts no process to give variables to"]
+    spec = parse("defaults:\n  env: {HF_HOME: /data}\nmodels:\n  a: {path: a.gguf}\n  far: {backend: remote, "
+                 "url: 'http://h/v1'}\n", "m.yaml", {})  # defaults reach a remote model too: no error for it
+    assert spec.models["a"].env == spec.models["far"].env == {"HF_HOME": "/data"}
     assert problems("defaults:\n  env: {A: [1]}\nmodels:\n  a: {path: a.gguf}\n") == [
         "m.yaml:2:9: models.a.env.A: found [1], expected a string"]
 
