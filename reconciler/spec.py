@@ -240,8 +240,8 @@ class CommandOptions(_Strict):
 
     argv: list[str] = Field(
         min_length=1,
-        description="The program and its arguments (never run by a shell). In each argument {port} becomes the "
-        "port xgen gives the process, {host} 127.0.0.1, {name} the model's name and {path} its `path`.",
+        description="The program and its arguments (never run by a shell). In each argument and `env` value {port} "
+        "becomes the port xgen gives the process, {host} 127.0.0.1, {name} the model's name and {path} its `path`.",
     )
     health: str = Field(
         "/v1/models",
@@ -938,13 +938,14 @@ def command_problems(model: ModelSpec) -> list[tuple[str, str]]:
     """A server xgen runs by its command line: it must be told its port."""
     if model.command is None:
         return [("command", "backend: command needs `command: {argv: [program, arguments…]}`")]
-    uses = {key for key in ("{port}", "{path}") if any(key in arg for arg in model.command.argv)}
+    told = [*model.command.argv, *model.env.values()]
+    uses = {key for key in ("{port}", "{path}") if any(key in text for text in told)}
     if "{port}" not in uses:
         return [
             (
                 "command",
-                "no {port} in argv: xgen gives each process its port (a replacement runs beside the old one on "
-                "another), so the command must take it, e.g. [my-server, --port, '{port}']",
+                "no {port} in argv or env: xgen gives each process its port (a replacement runs beside the old "
+                "one on another), so the command must take it, e.g. [my-server, --port, '{port}']",
             )
         ]
     if model.hf_id is not None:

@@ -29,7 +29,7 @@ from typing import BinaryIO
 import httpx
 import psutil
 
-from reconciler.drivers.base import Driver, ready_timeout
+from reconciler.drivers.base import Driver, filled, ready_timeout
 from reconciler.plan import ObservedModel
 from reconciler.ports import PortAllocator, PortsExhausted
 from reconciler.spec import ModelSpec
@@ -420,7 +420,9 @@ class Supervisor:
         except FileNotFoundError as exc:
             self.ports.release(key)
             return str(exc)
-        extra = {**driver.environment(model), **model.env}  # the spec refuses the ones the driver must set
+        # the model's own last (the spec refuses the names the driver must set), placeholders filled
+        # in: a server told its port by a variable (OLLAMA_HOST: "{host}:{port}")
+        extra = {**driver.environment(model), **{k: filled(v, name, model, port) for k, v in model.env.items()}}
         logfile = self._open_log(name)
         log_from = logfile.tell()
         try:

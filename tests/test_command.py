@@ -26,7 +26,7 @@ models:
       argv: [{binary}, --host, '{{{{host}}}}', --port, '{{{{port}}}}', -m, '{{{{path}}}}', -c, '512',
              --alias, '{{{{name}}}}']
       health: /health
-    env: {{{{XGEN_MARK: mine}}}}
+    env: {{{{XGEN_MARK: mine, XGEN_AT: '{{{{host}}}}:{{{{port}}}}'}}}}
     aliases: [default]
     desired: {desired}
 active: own
@@ -54,7 +54,8 @@ def test_a_command_model_loads_on_demand_serves_restarts_and_stops(daemon: Daemo
     argv = Path(f"/proc/{model['pid']}/cmdline").read_bytes().split(b"\0")[:-1]
     assert [a.decode() for a in argv] == [str(llama_server), "--host", "127.0.0.1", "--port", str(model["port"]),
                                           "-m", str(daemon.vars["MODEL"]), "-c", "512", "--alias", "own"]
-    assert b"XGEN_MARK=mine" in Path(f"/proc/{model['pid']}/environ").read_bytes().split(b"\0")
+    environ = Path(f"/proc/{model['pid']}/environ").read_bytes().split(b"\0")
+    assert b"XGEN_MARK=mine" in environ and f"XGEN_AT=127.0.0.1:{model['port']}".encode() in environ
     assert daemon.http.get("/upstream/own/props").status_code == 200  # the server's own endpoints, raw
 
     pid = model["pid"]
@@ -88,7 +89,8 @@ def test_a_command_that_exits_at_once_is_an_error_with_its_words(daemon: Daemon)
     ("model", "expected"),
     [
         ("{backend: command}", "models.a.command: backend: command needs `command: {argv: [program, arguments…]}`"),
-        ("{backend: command, command: {argv: [srv]}}", "models.a.command: no {port} in argv"),
+        ("{backend: command, command: {argv: [srv]}}", "models.a.command: no {port} in argv or env"),
+        ("{backend: command, command: {argv: [ollama, serve]}, env: {OLLAMA_HOST: '{host}:{port}'}}", None),
         ("{path: a.gguf, command: {argv: [srv, '{port}']}}",
          "models.a.command: 'command' is for backend: command (any other server)"),
         ("{backend: command, path: a.gguf, command: {argv: [srv, '{port}']}}",

@@ -43,6 +43,13 @@ class Driver(Protocol):
     def availability(self) -> Availability: ...
 
 
+def filled(text: str, name: str, model: ModelSpec, port: int) -> str:
+    """`text` with {port}, {host}, {name} and {path} filled in (a command's arguments, `env` values)."""
+    for key, value in (("{port}", str(port)), ("{host}", "127.0.0.1"), ("{name}", name), ("{path}", model.path or "")):
+        text = text.replace(key, value)
+    return text
+
+
 def gpu_environment(model: ModelSpec) -> dict[str, str]:
     """Pin the child to the model's GPUs; an empty list hides every GPU from a CPU model."""
     visible = ",".join(str(i) for i in model.gpus)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 
-from reconciler.drivers.base import Availability, gpu_environment
+from reconciler.drivers.base import Availability, filled, gpu_environment
 from reconciler.spec import ModelSpec
 
 
@@ -17,13 +17,7 @@ class CommandDriver:
 
     def command(self, name: str, model: ModelSpec, port: int) -> list[str]:
         assert model.command is not None, "the spec guarantees a command for backend: command"
-        fill = {"{port}": str(port), "{host}": "127.0.0.1", "{name}": name, "{path}": model.path or ""}
-        argv = []
-        for arg in model.command.argv:
-            for key, value in fill.items():
-                arg = arg.replace(key, value)
-            argv.append(arg)
-        return argv + list(model.extra_args)
+        return [filled(arg, name, model, port) for arg in model.command.argv] + list(model.extra_args)
 
     def environment(self, model: ModelSpec) -> dict[str, str]:
         return gpu_environment(model)
