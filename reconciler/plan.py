@@ -503,7 +503,7 @@ def _placement_notes(spec: Spec, observed: Observed) -> list[str]:
             f"models.{name}: the command has no {{host}}, so the server listens where its own default says (xgen's "
             "backends listen on 127.0.0.1 only; pass '{host}' to its listen flag)"
             for name, model in spec.served.items()
-            if model.command is not None and not any("{host}" in arg for arg in model.command.argv)
+            if model.command is not None and not any("{host}" in t for t in (*model.command.argv, *model.env.values()))
         ]
     )
 
