@@ -335,6 +335,54 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+QUIET_EVENTS = frozenset({"gpu", "progress"})  # samples and load progress: many a minute, shown with --all
+
+
+def event_line(kind: str, data: dict[str, Any]) -> str:
+    """One event as a line: when, the model, what happened (a state change as `from → to (why)`)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data.get("at") or 0))
+    model = str(data.get("model") or "-")
+    if kind == "state":
+        what = f"{data.get('from') or '-'} → {data.get('to')}" + (f" ({data['reason']})" if data.get("reason") else "")
+    else:
+        rest = [f"{k}={v}" for k, v in data.items() if k not in ("at", "model") and isinstance(v, str | int | float)]
+        what = " ".join([kind, *rest])
+    return f"{when}  {model}  {what}"
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """The daemon's events (state changes with their reasons, replacements, refusals, spec
+    errors): those it keeps, and with --follow the ones that come, until Ctrl-C."""
+    spec = _load_or_report(args.file, host_checks=False) if Path(args.file).exists() else None
+    url = _daemon_url(args.file, spec, args.daemon)
+    status = _daemon_status(url)
+    if status is None:
+        print(f"no xgen daemon answers at {url} (--daemon URL or XGEN_DAEMON to point at one)", file=sys.stderr)
+        return 1
+    last = int(status.get("last_event_id") or 0)  # without --follow: up to this one
+    if not last and not args.follow:
+        return 0
+    kind, current = "", 0
+    try:
+        with httpx.stream("GET", f"{url}/api/events", params={"last_event_id": 0}, timeout=None) as resp:
+            for line in resp.iter_lines():  # SSE frames: id, event, data
+                if line.startswith("id: "):
+                    current = int(line[4:])
+                elif line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    if args.all or kind not in QUIET_EVENTS:
+                        print(event_line(kind, json.loads(line[6:])), flush=True)
+                    if not args.follow and current >= last:
+                        break
+    except KeyboardInterrupt:
+        return 0
+    except (httpx.HTTPError, ValueError):
+        print(f"the daemon at {url} stopped answering", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     text = json.dumps(specmod.json_schema(), indent=2) + "\n"
     if not args.output:
@@ -473,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true", help="then what it writes next, until Ctrl-C")
     p.add_argument("--daemon", metavar="URL", help=daemon_help)
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("events", help="what happened: state changes with their reasons, replacements, refusals")
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help="finds the daemon serving this file")
+    p.add_argument("-f", "--follow", action="store_true", help="then the ones that come, until Ctrl-C")
+    p.add_argument("--all", action="store_true", help="GPU samples and load progress too")
+    p.add_argument("--daemon", metavar="URL", help=daemon_help)
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("schema", help="print (or write) the JSON schema of models.yaml")
     p.add_argument(

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -382,3 +383,38 @@ def test_env_and_binary_reach_the_process_and_a_change_of_either_replaces_it(dae
                                      "the directory of this file)"], status["spec_error"]
     assert daemon.model("smollm2")["pid"] == new["pid"]  # type: ignore[index]
     chat(daemon)
+
+
+def test_xgen_events_says_what_happened_and_follows(daemon: Daemon) -> None:
+    """A crash and its restart, as an operator reads them after the fact; then a change as it
+    happens (--follow)."""
+    daemon.launch(ONE_MODEL)
+    pid = daemon.model("smollm2")["pid"]  # type: ignore[index]
+    os.kill(pid, signal.SIGKILL)
+    daemon.until(lambda s: s["loaded_models"] and s["loaded_models"][0]["state"] == "LOADED"
+                 and s["loaded_models"][0]["pid"] != pid, 30, "the restart")
+    xgen = [sys.executable, "-m", "reconciler.cli", "events", "--daemon", daemon.url]
+    shown = subprocess.run(xgen, capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    lines = [line.split("  ", 1)[1] for line in shown.stdout.splitlines()]  # the time left out
+    assert "smollm2  - → LOADING" in lines
+    assert any(line.startswith("smollm2  LOADED → ERROR (process killed by SIGKILL") for line in lines), lines
+    assert "smollm2  ERROR → LOADING (retry)" in lines
+    assert not any(" progress " in f" {line} " for line in lines)  # load progress only with --all
+
+    follow = subprocess.Popen([*xgen, "-f"], stdout=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen: list[str] = []
+    threading.Thread(target=lambda: seen.extend(iter(follow.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    try:
+        deadline = time.monotonic() + 30
+        while len(seen) < len(lines) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the backlog again
+        daemon.write(ONE_MODEL.replace("n_ctx: 1024", "n_ctx: 1024\n    desired: unloaded").replace(
+            "active: smollm2\n", ""))
+        while not any("smollm2  LOADED → UNLOADING" in line for line in seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("smollm2  LOADED → UNLOADING" in line for line in seen[len(lines):]), seen
+    finally:
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(10) == 0
