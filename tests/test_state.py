@@ -8,6 +8,7 @@ import pytest
 
 from reconciler.spec import ModelSpec
 from reconciler.state import ALLOWED, ModelInfo, ModelState, TransitionError, transition
+from reconciler.store import StateStore
 
 S = ModelState
 
@@ -46,3 +47,19 @@ def test_a_launch_is_shown_with_its_secrets_masked() -> None:
 
     argv = ("llama-server", "-m", "m.gguf", "--api-key", "s3cret", "--hf-token=abc", "--port", "8001")
     assert shown_argv(argv) == ["llama-server", "-m", "m.gguf", "--api-key", "***", "--hf-token=***", "--port", "8001"]
+
+
+def test_samples_do_not_push_the_history_out_of_the_backlog() -> None:
+    """GPU samples every 5 s filled a 1,000-event backlog in 83 minutes: a crash at night was gone
+    by the morning. Samples are kept as the latest of each; everything else as before."""
+    store = StateStore(backlog=10)
+    crash = store.publish("crash", {"model": "a"})
+    for i in range(2000):
+        store.publish("gpu", {"detector": "nvml", "i": i})
+        store.publish("progress", {"model": "a", "progress": i / 2000})
+    store.publish("progress", {"model": "b", "progress": 0.5})
+    after = store.events_after(0)
+    assert [e.kind for e in after] == ["crash", "gpu", "progress", "progress"]
+    assert after[0] is crash and after[1].data["i"] == 1999 and after[2].data["progress"] == 1999 / 2000
+    assert store.last_event_id == after[-1].id
+    assert store.events_after(after[1].id) == after[2:]
