@@ -267,15 +267,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                 up,
                 str(m["restarts"]),
                 f"{measured / 2**20:.0f} MiB" if measured else "-",
-                _error(m)[:50] + ("…" if len(_error(m)) > 50 else ""),
+                _cell(_error(m)),
             )
         )
     for name in status.get("unloaded_models") or []:
         rows.append((name, "unloaded (desired)", "-", "-", "-", "-", "-", "-", ""))
+    standby: list[str] = []  # why each standby model is not resident, after the table: a reason, not an error
     for od in status.get("on_demand_models") or []:
         if od["residency"] == "standby":
-            why = od.get("refused") or (f"unloaded: {od['unloaded_because']}" if od.get("unloaded_because") else "")
-            rows.append((od["name"], "standby (on demand)", "-", "-", "-", "-", "-", "-", why[:50]))
+            refused = od.get("refused") or ""
+            rows.append((od["name"], "standby (on demand)", "-", "-", "-", "-", "-", "-", _cell(refused)))
+            if len(refused) > 50:
+                standby.append(f"{od['name']}: {refused}")
+            elif od.get("unloaded_because") and not refused:
+                standby.append(f"{od['name']}: standby (on demand), unloaded: {od['unloaded_because']}")
     on_demand = {od["name"]: od for od in status.get("on_demand_models") or []}
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -290,9 +295,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             idle = f", idle unload in {od['idle_unload_in_s']:.0f}s" if od.get("idle_unload_in_s") is not None else ""
             progress = f", loading {m['progress']:.0%}" if m.get("progress") is not None else ""
             print(f"{m['name']}: on demand, loaded for {od.get('loaded_because') or '-'}{idle}{progress}")
+    for line in standby:
+        print(line)
     for problem in status.get("spec_error") or []:
         print(f"spec error: {problem}")
     return 0
+
+
+def _cell(text: str, width: int = 50) -> str:
+    """A table cell: cut at `width` with … (the whole text is printed after the table)."""
+    return text[:width] + ("…" if len(text) > width else "")
 
 
 def _error(model: dict[str, Any]) -> str:

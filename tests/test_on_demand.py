@@ -92,7 +92,9 @@ def test_eviction_by_recency_never_touches_pinned_models(daemon: Daemon) -> None
     assert on_demand(status, "a")["unloaded_because"].startswith("evicted for b")
     shown = subprocess.run([sys.executable, "-m", "reconciler.cli", "status", "--daemon", daemon.url],
                            capture_output=True, text=True, timeout=30).stdout
-    assert "standby (on demand)" in shown and "unloaded: evicted for b" in shown, shown
+    assert "a: standby (on demand), unloaded: evicted for b (idle" in shown, shown  # whole, after the table
+    row = next(line for line in shown.splitlines() if line.startswith("a "))
+    assert row.split() == ["a", "standby", "(on", "demand)", "-", "-", "-", "-", "-", "-"], row  # no ERROR: a reason
     assert "b: on demand, loaded for demand" in shown, shown
     assert status["status"] == "converged"
     plan = status["last_plan"]
