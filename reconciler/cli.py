@@ -64,6 +64,17 @@ def _daemon_url(file: str, spec: specmod.Spec | None, override: str | None) -> s
     return statedir.local_url(server.host, server.port)
 
 
+def _daemon_for(args: argparse.Namespace) -> str:
+    """The URL of the daemon a status-reading command asks (`args.file`, `args.daemon`)."""
+    spec = _load_or_report(args.file, host_checks=False) if Path(args.file).exists() else None
+    return _daemon_url(args.file, spec, args.daemon)
+
+
+def _no_daemon(url: str) -> int:
+    print(f"no xgen daemon answers at {url} (--daemon URL or XGEN_DAEMON to point at one)", file=sys.stderr)
+    return 1
+
+
 def _daemon_status(url: str) -> dict[str, Any] | None:
     try:
         resp = httpx.get(f"{url}/api/management/status", timeout=3.0)
@@ -231,12 +242,10 @@ def _wait_converged(url: str, generation: str, timeout: float) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    spec = _load_or_report(args.file, host_checks=False) if Path(args.file).exists() else None
-    url = _daemon_url(args.file, spec, args.daemon)
+    url = _daemon_for(args)
     status = _daemon_status(url)
     if status is None:
-        print(f"no xgen daemon answers at {url} (--daemon URL or XGEN_DAEMON to point at one)", file=sys.stderr)
-        return 1
+        return _no_daemon(url)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -318,8 +327,7 @@ def _error(model: dict[str, Any]) -> str:
 def cmd_logs(args: argparse.Namespace) -> int:
     """A model's backend log from the daemon: its last lines, and with --follow what it writes
     next (until Ctrl-C), with no line missed or repeated between the two."""
-    spec = _load_or_report(args.file, host_checks=False) if Path(args.file).exists() else None
-    url = _daemon_url(args.file, spec, args.daemon)
+    url = _daemon_for(args)
     where = f"{url}/api/logs/{args.model}"
     try:
         if not args.follow:
@@ -336,8 +344,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except (httpx.HTTPError, ValueError, KeyError):
-        print(f"no xgen daemon answers at {url} (--daemon URL or XGEN_DAEMON to point at one)", file=sys.stderr)
-        return 1
+        return _no_daemon(url)
     if resp.status_code == 404:
         print(f"the daemon at {url} has no model '{args.model}' (xgen status lists them)", file=sys.stderr)
         return 1
@@ -365,12 +372,10 @@ def event_line(kind: str, data: dict[str, Any]) -> str:
 def cmd_events(args: argparse.Namespace) -> int:
     """The daemon's events (state changes with their reasons, replacements, refusals, spec
     errors): those it keeps, and with --follow the ones that come, until Ctrl-C."""
-    spec = _load_or_report(args.file, host_checks=False) if Path(args.file).exists() else None
-    url = _daemon_url(args.file, spec, args.daemon)
+    url = _daemon_for(args)
     status = _daemon_status(url)
     if status is None:
-        print(f"no xgen daemon answers at {url} (--daemon URL or XGEN_DAEMON to point at one)", file=sys.stderr)
-        return 1
+        return _no_daemon(url)
     last = int(status.get("last_event_id") or 0)  # without --follow: up to this one
     if not last and not args.follow:
         return 0
