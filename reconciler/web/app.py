@@ -214,7 +214,7 @@ def create_app(
         except ValueError:
             count = 100
         if request.query_params.get("follow") not in ("1", "true"):
-            return JSONResponse({"model": name, "lines": read_tail(path, 256 * count).splitlines()[-count:]})
+            return JSONResponse({"model": name, "lines": _last_lines(path, count)})
         backlog = count if "lines" in request.query_params else 0
         return StreamingResponse(_follow(store, path, backlog), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -269,13 +269,18 @@ def create_app(
     return app
 
 
+def _last_lines(path: Path, count: int, end: int | None = None) -> list[str]:
+    """The last `count` lines of a log (of its first `end` bytes), read from its last 256 bytes a line."""
+    return read_tail(path, 256 * count, end).splitlines()[-count:] if count else []
+
+
 async def _follow(store: StateStore, path: Path, backlog: int) -> AsyncIterator[bytes]:
     """New lines of a log file as SSE `data:` frames, after its last `backlog` lines: both from
     one offset, so that no line is missed or sent twice between them (a rotated file is read
     again from its start)."""
     yield b"retry: 2000\n\n"
     end = path.stat().st_size if path.exists() else 0
-    for text in read_tail(path, 256 * backlog, end).splitlines()[-backlog:] if backlog else []:
+    for text in _last_lines(path, backlog, end):
         yield b"data: " + text.encode() + b"\n\n"
     new = NewLines(path, end)
     idle = 0.0
